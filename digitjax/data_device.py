@@ -1,0 +1,66 @@
+"""A config's splits, loaded once and kept on the device as uint8."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import data as datasets
+from .config import Config, ConfigError, closest
+
+
+@dataclasses.dataclass
+class DeviceData:
+    train_images: jax.Array  # uint8 [N, H, W, C]
+    train_labels: jax.Array  # int32 [N]
+    evals: dict[str, tuple[jax.Array, jax.Array, jax.Array]]  # padded images, labels, mask
+    num_classes: int
+    image_shape: tuple[int, ...]
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_images.shape[0])
+
+    def eval_split(self, split: str):
+        return self.evals[split]
+
+
+def pad_for_eval(images: np.ndarray, labels: np.ndarray, batch: int):
+    """Pad to a multiple of the eval batch so one compiled program covers the split."""
+    n = images.shape[0]
+    padded = -(-n // batch) * batch
+    pad = padded - n
+    mask = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])
+    images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+    labels = np.concatenate([labels, np.zeros(pad, labels.dtype)]).astype(np.int32)
+    return jnp.asarray(images), jnp.asarray(labels), jnp.asarray(mask)
+
+
+def load(config: Config, *, data_dir: str | None = None, idx_dir: str | None = None,
+         download: bool = False) -> DeviceData:
+    d = config.data
+    if d.dataset not in datasets.DATASETS:
+        raise ConfigError(f"unknown data set {d.dataset!r}{closest(d.dataset, datasets.DATASETS)};"
+                          f" known: {', '.join(sorted(datasets.DATASETS))}")
+    info = datasets.DATASETS[d.dataset]
+
+    def split(name):
+        return datasets.load_split(d.dataset, name, data_dir=data_dir, idx_dir=idx_dir,
+                                   download=download)
+
+    return from_arrays(split(d.train_split), split(d.val_split), split(d.test_split),
+                       num_classes=info.num_classes, eval_batch_size=config.train.eval_batch_size)
+
+
+def from_arrays(train, val, test, *, num_classes: int, eval_batch_size: int) -> DeviceData:
+    """Put (images uint8 [N, H, W, C], labels) pairs on the device."""
+    train_images, train_labels = train
+    evals = {"val": pad_for_eval(*val, eval_batch_size),
+             "test": pad_for_eval(*test, eval_batch_size)}
+    return DeviceData(train_images=jnp.asarray(train_images),
+                      train_labels=jnp.asarray(np.asarray(train_labels, np.int32)),
+                      evals=evals, num_classes=num_classes,
+                      image_shape=tuple(train_images.shape[1:]))

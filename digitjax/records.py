@@ -1,0 +1,132 @@
+"""Run records, the ground truth of a run: config.json, metrics.jsonl, summary.json.
+
+`<workdir>/<experiment>/seed<k>/` for a registered config; a config changed by overrides
+gets `<experiment>+<hash of the overrides>/seed<k>` so it never mixes with the registered
+runs. Whole-file writes are atomic (temp file + rename), so a kill or a full disk leaves
+the previous version intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+DEFAULT_WORKDIR = "runs"
+CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
+VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
+             "wandb", "numpy")
+
+
+def default_workdir() -> Path:
+    return Path(os.environ.get("DIGITJAX_WORKDIR", DEFAULT_WORKDIR))
+
+
+def overrides_tag(overrides: dict[str, str]) -> str:
+    """Short stable hash of the overrides that change the config ('' when none)."""
+    if not overrides:
+        return ""
+    text = json.dumps(sorted(overrides.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def run_dir(workdir: Path | str, experiment: str, seed: int, overrides: dict[str, str]) -> Path:
+    tag = overrides_tag(overrides)
+    folder = f"{experiment}+{tag}" if tag else experiment
+    return Path(workdir) / folder / f"seed{seed}"
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON atomically: readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def append_metrics(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All complete lines of metrics.jsonl (a line cut off by a kill is ignored)."""
+    rows = []
+    if not Path(path).exists():
+        return rows
+    with open(path) as f:
+        for line in f:
+            if line.endswith("\n"):
+                rows.append(json.loads(line))
+    return rows
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only rows up to `last_step`, so a resumed run never doubles a line."""
+    rows = [r for r in read_metrics(path) if r["step"] <= last_step]
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def environment() -> dict:
+    """Versions, platform and devices, recorded in config.json."""
+    import jax
+
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    devices = jax.local_devices()
+    return {
+        "versions": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "git_commit": git_commit(),
+    }

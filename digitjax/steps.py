@@ -1,0 +1,125 @@
+"""The pure, jitted pieces of training: state, train chunk, evaluation.
+
+Everything here is a function of its arguments: the train set lives on the device as
+uint8, each step gathers its batch through the epoch's permutation, augments it and
+draws dropout from keys folded with the global step. A compiled call runs several steps
+so the host is off the hot path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # nnx.State of nnx.Param
+    rest: Any  # other model state (batch-norm statistics), possibly empty
+    opt_state: Any
+
+
+def split_model(model: nnx.Module):
+    """graphdef, params, rest (non-parameter state)."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def to_float(images_u8: jax.Array) -> jax.Array:
+    return images_u8.astype(jnp.float32) * (1.0 / 255.0)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy with optional label smoothing."""
+    if label_smoothing == 0.0:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, augment, *, batch_size: int,
+                    num_classes: int, label_smoothing: float):
+    """One optimizer step on the batch at `offset` of the epoch permutation."""
+
+    def train_step(state: TrainState, images_u8, labels, perm, offset, aug_key, dropout_key):
+        idx = jax.lax.dynamic_slice_in_dim(perm, offset, batch_size)
+        x = augment(to_float(images_u8[idx]), jax.random.fold_in(aug_key, state.step))
+        y = labels[idx]
+        dkey = jax.random.fold_in(dropout_key, state.step)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state.rest)
+            logits = model(x, train=True, key=dkey)
+            _, _, rest = split_model(model)
+            loss = cross_entropy(logits, y, num_classes, label_smoothing).mean()
+            return loss, (logits, rest)
+
+        (loss, (logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
+        new_state = TrainState(state.step + 1, params, rest, opt_state)
+        return new_state, {"loss": loss, "accuracy": accuracy}
+
+    return train_step
+
+
+def make_train_chunk(train_step, *, num_steps: int, batch_size: int, loop: str):
+    """`num_steps` consecutive steps in one compiled call; metrics stacked per step.
+
+    `loop="unroll"` traces the steps one after another (fast on XLA:CPU, whose backward
+    convolutions inside a while body miss the fast path, jax-ml/jax#12868); `"scan"` keeps
+    the program small and is the fast form on GPU/TPU.
+    """
+
+    def chunk(state, images_u8, labels, perm, offset, aug_key, dropout_key):
+        def body(state, i):
+            return train_step(state, images_u8, labels, perm, offset + i * batch_size,
+                              aug_key, dropout_key)
+
+        if loop == "scan":
+            return jax.lax.scan(body, state, jnp.arange(num_steps))
+        rows = []
+        for i in range(num_steps):
+            state, m = body(state, i)
+            rows.append(m)
+        return state, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+
+    return jax.jit(chunk, donate_argnums=(0,))
+
+
+def make_eval_batch(graphdef, *, num_classes: int):
+    """Sums over one padded batch: loss, correct, count, per-class correct and count."""
+
+    def eval_batch(params, rest, images_u8, labels, mask):
+        logits = nnx.merge(graphdef, params, rest)(to_float(images_u8), train=False)
+        loss = cross_entropy(logits, labels, num_classes)
+        correct = (jnp.argmax(logits, -1) == labels) & mask
+        onehot = jax.nn.one_hot(labels, num_classes) * mask[:, None]
+        return {
+            "loss_sum": jnp.sum(loss * mask),
+            "correct": jnp.sum(correct),
+            "count": jnp.sum(mask),
+            "class_correct": jnp.sum(onehot * correct[:, None], axis=0),
+            "class_count": jnp.sum(onehot, axis=0),
+        }
+
+    return jax.jit(eval_batch)
+
+
+def epoch_permutation(data_key: jax.Array, epoch: int, n: int) -> jax.Array:
+    """The data order of `epoch`: a function of the seed and the epoch only (resume-safe)."""
+    return _permutation(jax.random.fold_in(data_key, epoch), n)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _permutation(key, n):
+    return jax.random.permutation(key, n).astype(jnp.int32)

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The CI checkout has the shared data sets next to the repo (see ../shared/data/README.md).
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_data_env(tmp_path_factory) -> Path:
+    """A fresh, empty TFDS data dir for the whole session, and no DIGITJAX_IDX_DIR* vars.
+
+    So a dataset prepared by hand in ~/tensorflow_datasets cannot hide a broken prepare
+    step, and the developer's own environment cannot change what the tests read.
+    """
+    data_dir = tmp_path_factory.mktemp("tfds_data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TFDS_DATA_DIR", str(data_dir))
+        for var in list(os.environ):
+            if var.startswith("DIGITJAX_IDX_DIR"):
+                mp.delenv(var)
+        yield data_dir
+
+
+@pytest.fixture(scope="session")
+def prepared_mnist(isolated_data_env) -> Path:
+    """Real MNIST (embedded copy) prepared once per session in the session's TFDS_DATA_DIR.
+
+    Returns the data dir; load_split("mnist", ...) with no data_dir finds it there.
+    Takes ~16 s (TFDS prepare + first decode into the cache).
+    """
+    from digitjax import data
+
+    data.prepare("mnist", progress=False)
+    return isolated_data_env
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (original IDX files); fails rather than skips when it is missing."""
+    if not (SHARED_DATA / "fashion_mnist").is_dir():
+        pytest.fail(
+            f"{SHARED_DATA} is missing: the tests need the shared IDX data sets there "
+            "(../shared/data relative to the repo root)"
+        )
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def mnist_idx():
+    """Real MNIST from the embedded IDX files, decoded directly (fast; no TFDS):
+    ((train images [60000, 28, 28, 1] uint8, labels), (test images, labels))."""
+    from digitjax import data, idx
+
+    d = data.EMBEDDED_MNIST_DIR
+    x, y = idx.read_idx_pair(d / "train-images-idx3-ubyte.gz", d / "train-labels-idx1-ubyte.gz")
+    tx, ty = idx.read_idx_pair(d / "t10k-images-idx3-ubyte.gz", d / "t10k-labels-idx1-ubyte.gz")
+    return (x[..., None], y.astype("int32")), (tx[..., None], ty.astype("int32"))

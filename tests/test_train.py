@@ -1,0 +1,113 @@
+import json
+
+import numpy as np
+import pytest
+
+from digitjax import data_device, records, registry, steps
+from digitjax.config import ConfigError
+from digitjax.loop import mean_std
+from digitjax.train import Trainer, chunk_sizes, crossed
+
+
+def small_data(mnist_idx, n_train=1024, n_eval=500):
+    (x, y), (tx, ty) = mnist_idx
+    return data_device.from_arrays((x[:n_train], y[:n_train]),
+                                   (x[-n_eval:], y[-n_eval:]), (tx[:n_eval], ty[:n_eval]),
+                                   num_classes=10, eval_batch_size=250)
+
+
+def quick_config(*overrides):
+    return registry.resolve("quick", ["train.steps_per_call=4", "train.log_every_steps=4",
+                                      *overrides])
+
+
+def test_chunks_cover_the_epoch_and_cadences_fire_on_crossings():
+    assert chunk_sizes(429, 12) == [12] * 35 + [9]
+    assert chunk_sizes(24, 12) == [12, 12]
+    assert crossed(48, 60, 60) and not crossed(60, 72, 60) and crossed(55, 61, 60)
+    assert not crossed(0, 12, 0)
+
+
+def test_cadence_must_be_a_multiple_of_the_steps_per_call(mnist_idx):
+    cfg = registry.resolve("quick", ["train.steps_per_call=4", "train.log_every_steps=6"])
+    with pytest.raises(ConfigError, match="multiple of train.steps_per_call=4"):
+        Trainer(cfg, small_data(mnist_idx))
+
+
+def test_batch_larger_than_the_data_is_a_config_error(mnist_idx):
+    with pytest.raises(ConfigError, match="larger than the training split"):
+        Trainer(quick_config("train.batch_size=4096"), small_data(mnist_idx))
+
+
+def test_a_chunk_of_train_steps_decreases_the_loss(mnist_idx):
+    tr = Trainer(quick_config("train.batch_size=64"), small_data(mnist_idx))
+    keys = tr.keys(0)
+    state = tr.init_state(0)
+    tr.compile(state, keys)
+    before = tr.evaluate(state, "val")["loss"]
+    perm = steps.epoch_permutation(keys["data"], 0, tr.data.num_train)
+    for offset in range(0, 16 * 64, 4 * 64):
+        state, metrics = tr.run_chunk(state, 4, perm, offset, keys)
+    assert int(state.step) == 16
+    assert metrics["loss"].shape == (4,)
+    assert tr.evaluate(state, "val")["loss"] < before * 0.7
+
+
+def test_overfits_a_tiny_batch_to_accuracy_one(mnist_idx):
+    (x, y), _ = mnist_idx
+    tiny = (x[:32], y[:32])
+    data = data_device.from_arrays(tiny, tiny, tiny, num_classes=10, eval_batch_size=32)
+    cfg = registry.resolve("quick", ["train.batch_size=32", "train.steps_per_call=1",
+                                     "train.log_every_steps=1", "optimizer.name=adam",
+                                     "optimizer.learning_rate=1e-3"])
+    tr = Trainer(cfg, data)
+    keys, state = tr.keys(0), tr.init_state(0)
+    tr.compile(state, keys)
+    for epoch in range(60):
+        perm = steps.epoch_permutation(keys["data"], epoch, 32)
+        state, _ = tr.run_chunk(state, 1, perm, 0, keys)
+    assert tr.evaluate(state, "val")["accuracy"] == 1.0
+
+
+def test_same_seed_gives_identical_records_and_another_seed_differs(mnist_idx, tmp_path):
+    data = small_data(mnist_idx)
+    cfg = quick_config("train.epochs=2", "train.batch_size=64")
+    tr = Trainer(cfg, data)
+    a = tr.fit(0, tmp_path / "a", progress=False)
+    b = Trainer(cfg, data).fit(0, tmp_path / "b", progress=False)
+    c = tr.fit(1, tmp_path / "c", progress=False)
+    timing = {"time", "train_seconds", "compile_seconds", "eval_seconds", "total_seconds",
+              "images_per_second"}
+
+    def strip(d):
+        return {k: v for k, v in d.items() if k not in timing}
+
+    assert a["final_param_hash"] == b["final_param_hash"] != c["final_param_hash"]
+    assert strip(a) == strip(b)
+    rows_a = [strip(r) for r in records.read_metrics(tmp_path / "a" / records.METRICS)]
+    rows_b = [strip(r) for r in records.read_metrics(tmp_path / "b" / records.METRICS)]
+    assert rows_a == rows_b and len(rows_a) > 4
+
+
+def test_run_records_hold_what_the_summary_reports(mnist_idx, tmp_path):
+    tr = Trainer(quick_config("train.epochs=2", "train.batch_size=64"), small_data(mnist_idx))
+    s = tr.fit(3, tmp_path, progress=False)
+    cfg = json.loads((tmp_path / records.CONFIG).read_text())
+    rows = records.read_metrics(tmp_path / records.METRICS)
+    assert cfg["seed"] == 3 and cfg["config"]["name"] == "quick"
+    assert cfg["execution"]["steps_per_call"] == 4 and cfg["environment"]["versions"]["jax"]
+    assert s["status"] == "completed" and s["steps"] == 32 and s["num_params"] == 824458
+    val = [r for r in rows if r["split"] == "val"]
+    test = [r for r in rows if r["split"] == "test"]
+    assert [r["epoch"] for r in val] == [1, 2]
+    best = max(range(2), key=lambda i: (val[i]["accuracy"], -i))
+    # The reported test accuracy is the one at the best validation epoch, never max(test).
+    assert s["test_accuracy"] == test[best]["accuracy"]
+    assert s["selected_epoch"] == best + 1
+    assert len(s["per_class_test_accuracy"]) == 10
+    assert s["images_per_second"] > 0 and s["train_seconds"] > 0
+
+
+def test_mean_std():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(np.sqrt(2.0)))
+    assert mean_std([5.0]) == (5.0, 0.0)
