@@ -16,8 +16,11 @@ from .train import Diverged, Trainer, chunk_sizes, crossed, param_hash
 
 class TrainingLoop:
     def __init__(self, trainer: Trainer, seed: int, run_dir: Path, *, progress: bool,
-                 extra_config: dict):
+                 extra_config: dict, loggers: list | None = None):
         self.trainer, self.seed, self.run_dir = trainer, seed, run_dir
+        # Mirrors of the run records (e.g. W&B): start(config_record, run_dir),
+        # log(rows), finish(summary). The files stay the ground truth.
+        self.loggers = loggers or []
         self.progress, self.extra_config = progress, extra_config
         self.metrics_path = run_dir / records.METRICS
         self.t_start = time.perf_counter()
@@ -31,6 +34,11 @@ class TrainingLoop:
         return {"step": step, "epoch": round(epoch, 6), "split": split,
                 "time": round(time.perf_counter() - self.t_start, 3), **metrics}
 
+    def _write_rows(self, rows: list[dict]) -> None:
+        records.append_metrics(self.metrics_path, rows)
+        for logger in self.loggers:
+            logger.log(rows)
+
     def _log_train(self, step: int, window: list) -> dict:
         """Mean train metrics over the steps since the last log line (one host fetch)."""
         fetched = jax.device_get(window)
@@ -42,7 +50,7 @@ class TrainingLoop:
         row = self._row(step, step / self.trainer.steps_per_epoch, "train",
                         {"loss": float(loss.mean()), "accuracy": float(acc.mean()),
                          "learning_rate": float(self.trainer.schedule(step - 1))})
-        records.append_metrics(self.metrics_path, [row])
+        self._write_rows([row])
         return row
 
     def _evaluate(self, state, step: int, epoch: int) -> dict:
@@ -54,7 +62,7 @@ class TrainingLoop:
             result[split] = m
             rows.append(self._row(step, epoch, split, {"loss": m["loss"],
                                                         "accuracy": m["accuracy"]}))
-        records.append_metrics(self.metrics_path, rows)
+        self._write_rows(rows)
         self.eval_seconds += time.perf_counter() - t0
         # Selection looks at validation only; test rides along to be reported.
         if self.best is None or result["val"]["accuracy"] > self.best["val"]["accuracy"]:
@@ -67,8 +75,10 @@ class TrainingLoop:
         tr = self.trainer
         cfg = tr.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        records.write_json(self.run_dir / records.CONFIG, tr.config_record(self.seed,
-                                                                           self.extra_config))
+        config_record = tr.config_record(self.seed, self.extra_config)
+        records.write_json(self.run_dir / records.CONFIG, config_record)
+        for logger in self.loggers:
+            logger.start(config_record, self.run_dir)
         self.metrics_path.unlink(missing_ok=True)
         keys = tr.keys(self.seed)
         state = tr.init_state(self.seed)
@@ -148,6 +158,8 @@ class TrainingLoop:
                 "final_test_accuracy": self.last_eval["test"]["accuracy"],
             })
         records.write_json(self.run_dir / records.SUMMARY, summary)
+        for logger in self.loggers:
+            logger.finish(summary)
         return summary
 
 

@@ -61,4 +61,17 @@ def resolve(name: str, overrides: list[str] | None = None,
     if seeds is not None:
         config = dataclasses.replace(config, seeds=tuple(seeds))
     check_values(config)
+    check_names(config)
     return config
+
+
+def check_names(config: Config) -> None:
+    """Unknown model, augmentation or data set names fail before any data is read."""
+    from . import augment, data, models
+
+    for kind, name, known in (("model", config.model.name, models.MODELS),
+                              ("augmentation", config.augment.name, augment.AUGMENTATIONS),
+                              ("data set", config.data.dataset, data.DATASETS)):
+        if name not in known:
+            raise ConfigError(f"unknown {kind} {name!r}{closest(name, known)}; "
+                              f"known: {', '.join(sorted(known))}")

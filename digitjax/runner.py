@@ -58,8 +58,11 @@ def format_summary(s: dict, run_dir: Path) -> str:
 
 def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, fresh=False,
                    progress=True, data_dir=None, idx_dir=None, download=False,
-                   echo=print) -> list[dict]:
-    """Train every seed of `config`; returns their summaries (finished runs are kept)."""
+                   echo=print, make_loggers=None) -> list[dict]:
+    """Train every seed of `config`; returns their summaries (finished runs are kept).
+
+    `make_loggers(seed, run_dir)` returns the mirrors (e.g. W&B) of one seed's records.
+    """
     from . import data_device
     from .train import Trainer
 
@@ -81,8 +84,9 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
                 _check_writable(workdir)
                 trainer = Trainer(config, data_device.load(
                     config, data_dir=data_dir, idx_dir=idx_dir, download=download))
+            loggers = make_loggers(seed, run_dir) if make_loggers else []
             summary = trainer.fit(seed, run_dir, progress=progress,
-                                  extra_config={"overrides": overrides})
+                                  extra_config={"overrides": overrides}, loggers=loggers)
             echo(format_summary(summary, run_dir))
         summaries.append(summary)
     done = [s for s in summaries if s.get("status") == "completed"]

@@ -179,11 +179,11 @@ class Trainer:
                 "per_class_accuracy": [float(x) for x in total["class_correct"] / class_count]}
 
     def fit(self, seed: int, run_dir: Path | str, *, progress: bool = True,
-            extra_config: dict | None = None) -> dict:
+            extra_config: dict | None = None, loggers: list | None = None) -> dict:
         from .loop import TrainingLoop
 
         return TrainingLoop(self, seed, Path(run_dir), progress=progress,
-                            extra_config=extra_config or {}).run()
+                            extra_config=extra_config or {}, loggers=loggers).run()
 
     def config_record(self, seed: int, extra: dict) -> dict:
         return {

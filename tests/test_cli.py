@@ -1,0 +1,84 @@
+"""The command line: bad input is one line and exit 2; a real run end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from digitjax import cli
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_shows_every_experiment_with_seeds(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0
+    assert "* quick" in out and "flax_cnn" in out and "fashion_flax_cnn" in out
+    assert "seeds 0,1,2" in out
+
+
+def test_show_prints_the_resolved_config_and_parameter_count(capsys):
+    code, out, _ = run_cli(capsys, "show", "flax_cnn", "--set", "train.epochs=2")
+    assert code == 0
+    config = json.loads(out[: out.rindex("}") + 1])
+    assert config["train"]["epochs"] == 2 and config["model"]["name"] == "flax_cnn"
+    assert "824,458 parameters" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "flax_cn"], "unknown experiment 'flax_cn' (did you mean flax_cnn"),
+    (["show", "nope"], "unknown experiment 'nope'"),
+    (["run", "quick", "--set", "train.epoch=2"], "unknown config key 'train.epoch'"),
+    (["run", "quick", "--set", "train.epochs=two"], "train.epochs='two': expected int"),
+    (["run", "quick", "--set", "optimizer.learning_rate=-1"], "learning_rate must be > 0"),
+    (["run", "quick", "--set", "train.batch_size=0"], "batch_size must be >= 1"),
+    (["run", "quick", "--seeds", "3-1"], "--seeds '3-1'"),
+    (["run", "quick", "--set", "model.name=resnet9000"], "unknown model 'resnet9000'"),
+    (["run", "quick", "--set", "data.dataset=mnistt"], "unknown data set 'mnistt'"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, message):
+    code, out, err = run_cli(capsys, *argv, *(["--workdir", str(tmp_path)]
+                                              if argv[0] == "run" else []))
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_unwritable_workdir_is_a_clear_error(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(capsys, "run", "quick", "--workdir", str(blocker / "runs"))
+    assert code == 2 and "not writable" in err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_run_folder_of_another_config_is_refused(capsys, tmp_path):
+    run_dir = tmp_path / "quick" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"config_hash": "000000000000"}))
+    code, _, err = run_cli(capsys, "run", "quick", "--workdir", str(tmp_path))
+    assert code == 2 and "holds a run of another config" in err
+
+
+def test_default_experiment_end_to_end_on_real_mnist(prepared_mnist, tmp_path):
+    """`digitjax run` as a user types it: the console script, real MNIST, one epoch."""
+    env = {**os.environ, "TFDS_DATA_DIR": str(prepared_mnist)}
+    out = subprocess.run([sys.executable, "-m", "digitjax", "run", "--workdir", str(tmp_path),
+                          "--no-progress"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "quick seed0: test accuracy" in out.stdout and "train images/s" in out.stdout
+    summary = json.loads((tmp_path / "quick" / "seed0" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 429
+    assert summary["test_accuracy"] >= 0.97
+    # A finished run is not retrained.
+    again = subprocess.run([sys.executable, "-m", "digitjax", "run", "--workdir", str(tmp_path)],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "already finished" in again.stdout
