@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -10,8 +12,40 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import records, steps
+from . import checkpoint, faults, records, steps
+from .config import ConfigError
 from .train import Diverged, Trainer, chunk_sizes, crossed, param_hash
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: a checkpoint was saved at `step`; rerunning resumes from it."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}")
+        self.step, self.signum = step, signum
+
+
+class _StopOnSignal:
+    """Turn SIGINT/SIGTERM into a request the loop honours at the next chunk boundary."""
+
+    def __init__(self):
+        self.requested = 0
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class TrainingLoop:
@@ -26,6 +60,7 @@ class TrainingLoop:
         self.t_start = time.perf_counter()
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
+        self.last_saved_step: int | None = None
         self.best: dict | None = None  # the eval chosen on validation so far
         self.last_eval: dict | None = None
 
@@ -70,53 +105,147 @@ class TrainingLoop:
         self.last_eval = result
         return result
 
+    # -- checkpoints -----------------------------------------------------------------------
+    def _save_steps(self) -> set[int]:
+        """Every step the run checkpoints at: the cadence's chunk ends and epoch ends."""
+        tr = self.trainer
+        out, step = set(), 0
+        sizes = chunk_sizes(tr.steps_per_epoch, tr.execution.steps_per_call)
+        for _ in range(tr.config.train.epochs):
+            for n in sizes:
+                if crossed(step, step + n, tr.execution.checkpoint_every_steps):
+                    out.add(step + n)
+                step += n
+            out.add(step)
+        return out
+
+    def _save(self, ckpts, state, step: int, window: list, *, val_accuracy=None,
+              force: bool = False) -> None:
+        if step != self.last_saved_step:
+            ckpts.save(state, self._meta(step, window), val_accuracy=val_accuracy, force=force)
+            self.last_saved_step = step
+
+    def _meta(self, step: int, window: list) -> dict:
+        tr = self.trainer
+        return {
+            "step": step,
+            "epoch": step // tr.steps_per_epoch,
+            "offset": (step % tr.steps_per_epoch) * tr.config.train.batch_size,
+            "seed": self.seed,
+            "config_hash": tr.config_hash,
+            "key_data": {k: np.asarray(jax.random.key_data(v)).tolist()
+                         for k, v in tr.keys(self.seed).items()},
+            "best": self.best,
+            "last_eval": self.last_eval,
+            "window": checkpoint.to_json_floats(window),
+            "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+        }
+
+    def _resume(self, ckpts: checkpoint.RunCheckpoints):
+        """(state, step, window) from the latest checkpoint, or None to start fresh."""
+        step = ckpts.latest_step()
+        if step is None:
+            return None
+        tr = self.trainer
+        state, meta = ckpts.restore(step, tr.abstract_state())
+        self.last_saved_step = step
+        if meta["config_hash"] != tr.config_hash:
+            raise ConfigError(f"checkpoint {step} in {ckpts.directory} was made by another "
+                              f"config ({meta['config_hash']}, this is {tr.config_hash}); "
+                              "use --fresh or another --workdir")
+        self.best, self.last_eval = meta["best"], meta["last_eval"]
+        self.train_seconds, self.eval_seconds = meta["train_seconds"], meta["eval_seconds"]
+        records.truncate_metrics(self.metrics_path, step)
+        return state, step, checkpoint.from_json_floats(meta["window"])
+
     # -- the loop --------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, *, resume: bool = True) -> dict:
         tr = self.trainer
         cfg = tr.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        config_record = tr.config_record(self.seed, self.extra_config)
+        self.save_steps = self._save_steps()
+        ckpts = checkpoint.RunCheckpoints(self.run_dir, keep=cfg.checkpoint.keep,
+                                          save_steps=self.save_steps)
+        resumed = self._resume(ckpts) if resume else None
+        if resumed is None:
+            ckpts.delete_all()
+            ckpts = checkpoint.RunCheckpoints(self.run_dir, keep=cfg.checkpoint.keep,
+                                              save_steps=self.save_steps)
+            self.metrics_path.unlink(missing_ok=True)
+            (self.run_dir / records.SUMMARY).unlink(missing_ok=True)
+            state, step, window = tr.init_state(self.seed), 0, []
+        else:
+            state, step, window = resumed
+        config_record = tr.config_record(self.seed, {**self.extra_config, "resumed_from_step":
+                                                     step if resumed else None})
         records.write_json(self.run_dir / records.CONFIG, config_record)
         for logger in self.loggers:
             logger.start(config_record, self.run_dir)
-        self.metrics_path.unlink(missing_ok=True)
         keys = tr.keys(self.seed)
-        state = tr.init_state(self.seed)
         compile_before = tr.compile_seconds
         tr.compile(state, keys)
         compile_seconds = tr.compile_seconds - compile_before
-        ex = tr.execution
-        sizes = chunk_sizes(tr.steps_per_epoch, ex.steps_per_call)
-        bar = tqdm(total=tr.num_steps, disable=not self.progress, unit="step", leave=False,
-                   desc=f"{cfg.name} seed{self.seed}", dynamic_ncols=True)
-        step, status, error = 0, "completed", None
-        try:
-            for epoch in range(cfg.train.epochs):
-                t0 = time.perf_counter()
-                perm = steps.epoch_permutation(keys["data"], epoch, tr.data.num_train)
-                offset, window = 0, []
-                for n in sizes:
-                    state, metrics = tr.run_chunk(state, n, perm, offset, keys)
-                    window.append(metrics)
-                    prev, step, offset = step, step + n, offset + n * cfg.train.batch_size
-                    at_epoch_end = offset == tr.steps_per_epoch * cfg.train.batch_size
-                    if crossed(prev, step, ex.log_every_steps) or at_epoch_end:
-                        row = self._log_train(step, window)
-                        window = []
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.4f}")
-                    bar.update(n)
-                jax.block_until_ready(state)
-                self.train_seconds += time.perf_counter() - t0
-                last = epoch + 1 == cfg.train.epochs
-                if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
-                    result = self._evaluate(state, step, epoch + 1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}",
-                                    val=f"{result['val']['accuracy']:.4f}")
-        except Diverged as e:
-            status, error = "diverged", str(e)
-        finally:
-            bar.close()
+        status, error = "completed", None
+        with _StopOnSignal() as stop, tqdm(
+                total=tr.num_steps, initial=step, disable=not self.progress, unit="step",
+                leave=False, desc=f"{cfg.name} seed{self.seed}", dynamic_ncols=True) as bar:
+            try:
+                state, step = self._train(state, step, window, keys, ckpts, bar, stop)
+            except Diverged as e:
+                status, error = "diverged", str(e)
+            finally:
+                ckpts.wait()
+                ckpts.close()
         return self._finish(state, step, status, error, compile_seconds)
+
+    def _train(self, state, step, window, keys, ckpts, bar, stop):
+        tr = self.trainer
+        cfg = tr.config
+        ex = tr.execution
+        batch = cfg.train.batch_size
+        sizes = chunk_sizes(tr.steps_per_epoch, ex.steps_per_call)
+        first_epoch, start_offset = divmod(step, tr.steps_per_epoch)
+        start_offset *= batch
+        for epoch in range(first_epoch, cfg.train.epochs):
+            t0 = time.perf_counter()
+            perm = steps.epoch_permutation(keys["data"], epoch, tr.data.num_train)
+            offset = 0
+            for n in sizes:
+                if epoch == first_epoch and offset < start_offset:
+                    offset += n * batch  # done before the checkpoint we resumed from
+                    continue
+                state, metrics = tr.run_chunk(state, n, perm, offset, keys)
+                faults.point("chunk")
+                window.append(metrics)
+                prev, step, offset = step, step + n, offset + n * batch
+                at_epoch_end = offset == tr.steps_per_epoch * batch
+                if crossed(prev, step, ex.log_every_steps) or at_epoch_end:
+                    row = self._log_train(step, window)
+                    window = []
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.4f}")
+                bar.update(n)
+                if not at_epoch_end and step in self.save_steps:
+                    self._save(ckpts, state, step, window)
+                if stop.requested:
+                    self.train_seconds += time.perf_counter() - t0
+                    self._save(ckpts, state, step, window, force=True)
+                    ckpts.wait()
+                    raise Interrupted(step, stop.requested)
+            jax.block_until_ready(state)
+            self.train_seconds += time.perf_counter() - t0
+            last = epoch + 1 == cfg.train.epochs
+            val = None
+            if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
+                result = self._evaluate(state, step, epoch + 1)
+                val = result["val"]["accuracy"]
+                bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{val:.4f}")
+                faults.point("eval")
+            self._save(ckpts, state, step, window, val_accuracy=val)
+            if stop.requested:
+                ckpts.wait()
+                raise Interrupted(step, stop.requested)
+        return state, step
 
     def _finish(self, state, step: int, status: str, error: str | None,
                 compile_seconds: float) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import records
 from .config import Config, ConfigError, config_hash
-from .loop import mean_std
+from .loop import Interrupted, mean_std
 
 
 def model_summary(config: Config) -> str:
@@ -41,9 +41,12 @@ def check_run_dir(run_dir: Path, config: Config) -> str:
         raise ConfigError(f"{run_dir} holds a run of another config (hash {recorded}, this one "
                           f"is {config_hash(config)}); use another --workdir")
     summary = run_dir / records.SUMMARY
-    if summary.exists() and records.read_json(summary).get("status") == "completed":
+    if summary.exists() and records.read_json(summary).get("status") in FINAL_STATUSES:
         return "finished"
     return "unfinished"
+
+
+FINAL_STATUSES = ("completed", "diverged")
 
 
 def format_summary(s: dict, run_dir: Path) -> str:
@@ -85,8 +88,19 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
                 trainer = Trainer(config, data_device.load(
                     config, data_dir=data_dir, idx_dir=idx_dir, download=download))
             loggers = make_loggers(seed, run_dir) if make_loggers else []
-            summary = trainer.fit(seed, run_dir, progress=progress,
-                                  extra_config={"overrides": overrides}, loggers=loggers)
+            if state == "unfinished":
+                echo(f"{config.name} seed{seed}: resuming from the latest checkpoint in "
+                     f"{run_dir}")
+            try:
+                summary = trainer.fit(seed, run_dir, progress=progress, loggers=loggers,
+                                      extra_config={"overrides": overrides},
+                                      resume=state != "new")
+            except Interrupted as e:
+                seeds = f"--seed {seed}"
+                sets = "".join(f" --set {k}={v}" for k, v in overrides.items())
+                echo(f"{config.name} seed{seed}: {e}; checkpoint saved in {run_dir}. Resume "
+                     f"with: digitjax run {config.name} {seeds}{sets} --workdir {workdir}")
+                raise
             echo(format_summary(summary, run_dir))
         summaries.append(summary)
     done = [s for s in summaries if s.get("status") == "completed"]
@@ -104,3 +118,22 @@ def _check_writable(workdir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"workdir {workdir} is not writable: {e.strerror}") from None
+
+
+def evaluate_run(run_dir: Path | str, *, which: str = "best", split: str = "test",
+                 data_dir=None, idx_dir=None, download=False) -> dict:
+    """Evaluate a saved checkpoint of a run on one split; writes eval-<step>-<split>.json."""
+    from . import checkpoint, data_device
+    from .train import Trainer
+
+    if split not in ("test", "val"):
+        raise ConfigError(f"--split {split!r}: expected test or val")
+    run_dir = Path(run_dir)
+    config, record, step, state, _ = checkpoint.restore_state(run_dir, which)
+    trainer = Trainer(config, data_device.load(config, data_dir=data_dir, idx_dir=idx_dir,
+                                               download=download))
+    metrics = trainer.evaluate(state, split)
+    result = {"run_dir": str(run_dir), "checkpoint": which, "step": step, "split": split,
+              "epoch": step / record["steps_per_epoch"], **metrics}
+    records.write_json(run_dir / f"eval-step{step}-{split}.json", result)
+    return result

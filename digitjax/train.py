@@ -92,6 +92,33 @@ def param_hash(params) -> str:
     return h.hexdigest()[:16]
 
 
+def build_model(config: Config, num_classes: int, in_channels: int, num_steps: int,
+                steps_per_epoch: int):
+    """graphdef, abstract params, optimizer, schedule and `init(key) -> TrainState`."""
+
+    def make_model(key):
+        return models.create(config.model.name, num_classes=num_classes,
+                             in_channels=in_channels, rngs=nnx.Rngs(key))
+
+    graphdef, abs_params, _ = steps.split_model(
+        nnx.eval_shape(lambda: make_model(jax.random.key(0))))
+    schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate,
+                                   num_steps, steps_per_epoch)
+    tx = optim.make_optimizer(config.optimizer, schedule)
+
+    def init(key) -> steps.TrainState:
+        _, params, rest = steps.split_model(make_model(key))
+        return steps.TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
+
+    return graphdef, abs_params, tx, schedule, init
+
+
+def seed_keys(seed: int) -> dict[str, jax.Array]:
+    """Named keys, split once from the seed."""
+    init, data, aug, dropout = jax.random.split(jax.random.key(seed), 4)
+    return {"init": init, "data": data, "augment": aug, "dropout": dropout}
+
+
 class Trainer:
     """Compiled programs of one config, reused across its seeds."""
 
@@ -105,21 +132,8 @@ class Trainer:
         self.num_steps = self.steps_per_epoch * t.epochs
         self.execution = resolve_execution(config, self.steps_per_epoch)
 
-        def make_model(key):
-            return models.create(config.model.name, num_classes=data.num_classes,
-                                 in_channels=data.image_shape[-1], rngs=nnx.Rngs(key))
-
-        self.graphdef, abs_params, abs_rest = steps.split_model(
-            nnx.eval_shape(lambda: make_model(jax.random.key(0))))
-        self.schedule = optim.make_schedule(config.schedule, config.optimizer.learning_rate,
-                                            self.num_steps, self.steps_per_epoch)
-        self.tx = optim.make_optimizer(config.optimizer, self.schedule)
-
-        def init(key) -> steps.TrainState:
-            _, params, rest = steps.split_model(make_model(key))
-            return steps.TrainState(jnp.zeros((), jnp.int32), params, rest,
-                                    self.tx.init(params))
-
+        self.graphdef, abs_params, self.tx, self.schedule, init = build_model(
+            config, data.num_classes, data.image_shape[-1], self.num_steps, self.steps_per_epoch)
         # One compiled init: eager jax.random init costs seconds of op-by-op compilation.
         self._init = jax.jit(init)
         self.num_params = models.count_params(abs_params)
@@ -140,9 +154,10 @@ class Trainer:
         return config_hash(self.config)
 
     def keys(self, seed: int) -> dict[str, jax.Array]:
-        """Named keys, split once from the seed."""
-        init, data, aug, dropout = jax.random.split(jax.random.key(seed), 4)
-        return {"init": init, "data": data, "augment": aug, "dropout": dropout}
+        return seed_keys(seed)
+
+    def abstract_state(self) -> steps.TrainState:
+        return jax.eval_shape(self._init, jax.random.key(0))
 
     def init_state(self, seed: int) -> steps.TrainState:
         return self._init(self.keys(seed)["init"])
@@ -179,11 +194,13 @@ class Trainer:
                 "per_class_accuracy": [float(x) for x in total["class_correct"] / class_count]}
 
     def fit(self, seed: int, run_dir: Path | str, *, progress: bool = True,
-            extra_config: dict | None = None, loggers: list | None = None) -> dict:
+            extra_config: dict | None = None, loggers: list | None = None,
+            resume: bool = True) -> dict:
+        """Train one seed into `run_dir`, resuming from its latest checkpoint if any."""
         from .loop import TrainingLoop
 
         return TrainingLoop(self, seed, Path(run_dir), progress=progress,
-                            extra_config=extra_config or {}, loggers=loggers).run()
+                            extra_config=extra_config or {}, loggers=loggers).run(resume=resume)
 
     def config_record(self, seed: int, extra: dict) -> dict:
         return {

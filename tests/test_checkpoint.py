@@ -1,0 +1,190 @@
+"""Checkpoints: kill a real run anywhere, resume, and get the uninterrupted run's records."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from digitjax import checkpoint, data_device, records, registry, runner
+from digitjax.config import ConfigError
+from digitjax.train import Trainer
+
+TIMING = {"time", "train_seconds", "compile_seconds", "eval_seconds", "total_seconds",
+          "images_per_second"}
+# A small real run: 2,048 training images, batch 64 -> 32 steps per epoch, 2 epochs, a
+# compiled call of 4 steps, a log line every 8 steps and a checkpoint every 8 steps.
+SMALL = ["data.train_split=train[:2048]", "data.val_split=train[55000:56000]",
+         "data.test_split=test[:1000]", "train.batch_size=64", "train.epochs=2",
+         "train.steps_per_call=4", "train.log_every_steps=8", "checkpoint.every_steps=8",
+         "checkpoint.keep=1"]
+
+
+def strip(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in TIMING}
+
+
+def final_records(run_dir):
+    summary = strip(records.read_json(run_dir / records.SUMMARY))
+    rows = [strip(r) for r in records.read_metrics(run_dir / records.METRICS)]
+    return summary, rows
+
+
+@pytest.fixture(scope="module")
+def cli_env(prepared_mnist, tmp_path_factory):
+    return {**os.environ, "TFDS_DATA_DIR": str(prepared_mnist),
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
+
+
+def start(workdir, env, fault=None):
+    argv = [sys.executable, "-m", "digitjax", "run", "quick", "--seed", "0", "--no-progress",
+            "--workdir", str(workdir)] + [a for s in SMALL for a in ("--set", s)]
+    env = {k: v for k, v in env.items() if k != "DIGITJAX_FAULT"}
+    if fault:
+        env["DIGITJAX_FAULT"] = fault
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def run_dir_of(workdir):
+    (folder,) = [p for p in workdir.iterdir() if p.name.startswith("quick+")]
+    return folder / "seed0"
+
+
+@pytest.fixture(scope="module")
+def reference(cli_env, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    code, out, err = finish(start(workdir, cli_env))
+    assert code == 0, err
+    return final_records(run_dir_of(workdir))
+
+
+@pytest.mark.parametrize("fault", ["kill@chunk:6", "kill@save:2", "kill@eval:1",
+                                   "kill@chunk:13"])
+def test_kill_at_a_named_point_then_resume_gives_the_same_final_records(
+        fault, cli_env, reference, tmp_path):
+    code, _, err = finish(start(tmp_path, cli_env, fault))
+    assert code == -signal.SIGKILL, err
+    run_dir = run_dir_of(tmp_path)
+    assert not (run_dir / records.SUMMARY).exists()
+    code, out, err = finish(start(tmp_path, cli_env))
+    assert code == 0, err
+    assert final_records(run_dir) == reference
+    assert not list((run_dir / checkpoint.CHECKPOINTS).glob("*tmp*"))
+
+
+def test_kills_at_seeded_random_moments_then_resume(cli_env, reference, tmp_path):
+    rng = random.Random(1234)  # replayable: the same seed draws the same kill delays
+    kills = 0
+    for _ in range(2):
+        proc = start(tmp_path, cli_env)
+        time.sleep(rng.uniform(4.0, 9.0))
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        proc.communicate(timeout=300)
+    code, _, err = finish(start(tmp_path, cli_env))
+    assert code == 0, err
+    assert final_records(run_dir_of(tmp_path)) == reference
+    print(f"random kills tried: {kills}")
+
+
+def test_sigint_saves_a_checkpoint_exits_and_resumes(cli_env, reference, tmp_path):
+    proc = start(tmp_path, cli_env)
+    deadline = time.time() + 120
+    metrics = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list(tmp_path.glob("quick+*/seed0/metrics.jsonl"))
+        if found and found[0].stat().st_size > 0:
+            metrics = found[0]
+            break
+        time.sleep(0.05)
+    assert metrics is not None, "training did not start"
+    proc.send_signal(signal.SIGINT)
+    code, out, err = finish(proc)
+    run_dir = run_dir_of(tmp_path)
+    assert code == 130, err
+    assert "Resume with: digitjax run quick --seed 0" in out
+    assert checkpoint.RunCheckpoints(run_dir, keep=1, read_only=True).latest_step()
+    code, out, err = finish(start(tmp_path, cli_env))
+    assert code == 0 and "resuming" in out, err
+    assert final_records(run_dir) == reference
+
+
+# -- in-process checks on a small real slice of MNIST -----------------------------------
+
+def small_trainer(mnist_idx, *extra):
+    (x, y), (tx, ty) = mnist_idx
+    data = data_device.from_arrays((x[:1024], y[:1024]), (x[-500:], y[-500:]),
+                                   (tx[:500], ty[:500]), num_classes=10, eval_batch_size=250)
+    return Trainer(registry.resolve("quick", [*SMALL[3:], *extra]), data)
+
+
+def test_a_checkpoint_of_another_config_is_refused(mnist_idx, tmp_path):
+    small_trainer(mnist_idx).fit(0, tmp_path, progress=False)
+    (tmp_path / records.SUMMARY).unlink()  # make it look unfinished
+    other = small_trainer(mnist_idx, "optimizer.learning_rate=0.05")
+    with pytest.raises(ConfigError, match="made by another config"):
+        other.fit(0, tmp_path, progress=False)
+
+
+def test_a_partial_save_is_ignored_and_cleaned(mnist_idx, tmp_path):
+    tr = small_trainer(mnist_idx, "train.epochs=1")
+    reference = tr.fit(0, tmp_path / "ref", progress=False)
+    run_dir = tmp_path / "run"
+    tr.fit(0, run_dir, progress=False)
+    (run_dir / records.SUMMARY).unlink()
+    ckpt_dir = run_dir / checkpoint.CHECKPOINTS
+    latest = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    # What a kill during a save leaves: a tmp folder of a later step, half written.
+    partial = ckpt_dir / f"{latest + 8}.orbax-checkpoint-tmp-123"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "junk").write_bytes(b"\0" * 10)
+    resumed = tr.fit(0, run_dir, progress=False)
+    assert strip(resumed) == strip(reference)
+    assert not partial.exists()
+
+
+def test_latest_and_best_checkpoints_both_survive_restarts(mnist_idx, tmp_path):
+    tr = small_trainer(mnist_idx)
+    state = tr.init_state(0)
+    vals = {8: 0.90, 16: 0.95, 24: 0.91, 32: 0.95, 40: None, 48: 0.80}
+    ckpts = checkpoint.RunCheckpoints(tmp_path, keep=1, save_steps=set(vals))
+    for step in (8, 16, 24):
+        ckpts.save(state, {"step": step}, val_accuracy=vals[step])
+    ckpts.wait()
+    ckpts.close()
+    ckpts = checkpoint.RunCheckpoints(tmp_path, keep=1, save_steps=set(vals))  # a restart
+    for step in (32, 40, 48):
+        ckpts.save(state, {"step": step}, val_accuracy=vals[step])
+    ckpts.wait()
+    # Best: the earliest of the best validation accuracies (16, not 32); latest: 48.
+    assert ckpts.all_steps() == [16, 48]
+    assert ckpts.best_step() == 16 and ckpts.latest_step() == 48
+    ckpts.close()
+
+
+def test_eval_of_best_and_latest_checkpoints(mnist_idx, tmp_path, prepared_mnist):
+    cfg = registry.resolve("quick", SMALL)
+    summary = runner.run_experiment(cfg, overrides={}, workdir=tmp_path, progress=False,
+                                    echo=lambda *_: None)[0]
+    run_dir = tmp_path / "quick" / "seed0"
+    best = runner.evaluate_run(run_dir, which="best", split="test")
+    assert best["step"] == summary["selected_step"]
+    assert best["accuracy"] == summary["test_accuracy"]
+    latest = runner.evaluate_run(run_dir, which="latest", split="val")
+    assert latest["step"] == summary["steps"]
+    assert latest["accuracy"] == summary["final_val_accuracy"]
+    assert (run_dir / f"eval-step{latest['step']}-val.json").exists()
+    with pytest.raises(ConfigError, match="no checkpoint at step 5"):
+        runner.evaluate_run(run_dir, which="5")
+    with pytest.raises(ConfigError, match="not a run folder"):
+        runner.evaluate_run(tmp_path)
