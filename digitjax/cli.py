@@ -13,6 +13,12 @@ EPILOG_RUN = """examples:
   digitjax run fashion_flax_cnn --data-idx ../shared/data/fashion_mnist
 """
 
+EPILOG_COMPARE = """examples:
+  digitjax compare flax_cnn keras_cnn mlp      # runs under ./runs (or $DIGITJAX_WORKDIR)
+  digitjax compare quick --workdir /data/runs-copied-from-a-gpu-box
+  digitjax compare flax_cnn keras_cnn --wandb  # the same table from W&B
+"""
+
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit code 2."""
@@ -41,8 +47,100 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true",
                      help="start over even if the run folder holds a finished run")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto",
+                     help="Weights & Biases logging (default auto: online when logged in and "
+                     "the server answers, else offline under the run folder; follows "
+                     "$WANDB_MODE)")
     _data_args(run)
+
+    cmp = sub.add_parser("compare", help="mean +- std over seeds of experiments' results",
+                         epilog=EPILOG_COMPARE,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmp.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
+                     help="experiment names (NAME also lists its NAME+<hash> --set variants)")
+    cmp.add_argument("--workdir", help="where run folders are, searched at any depth "
+                     "(default: $DIGITJAX_WORKDIR or ./runs)")
+    cmp.add_argument("--wandb", action="store_true", help="read the runs from the W&B API "
+                     "(project $WANDB_PROJECT or digitjax, entity $WANDB_ENTITY)")
+
+    ev = sub.add_parser("eval", help="evaluate a saved checkpoint of a run",
+                        epilog="examples:\n  digitjax eval runs/quick/seed0\n"
+                        "  digitjax eval runs/flax_cnn/seed1 --checkpoint latest --split val\n",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("run_dir", help="a run folder, e.g. runs/quick/seed0")
+    ev.add_argument("--checkpoint", default="best",
+                    help="best (by validation accuracy), latest, or a step number")
+    ev.add_argument("--split", default="test", choices=("test", "val"))
+    _data_args(ev)
+    _app_parsers(sub)
     return p
+
+
+EPILOG_PREDICT = """examples:
+  digitjax predict runs/quick/seed0 my_digit.png
+  digitjax predict runs/flax_cnn/seed0 photos/*.jpg --checkpoint latest --json
+  digitjax predict runs/quick/seed0 photo.jpg --save-input seen/   # what the model sees
+
+Each image (PNG/JPEG/..., any size, dark-on-light or light-on-dark, colour or grey) is made
+MNIST-like first: greyscale, inverted if its border is light, cropped to the ink, scaled
+into 20x20 keeping the aspect ratio and centred by centre of mass in 28x28.
+"""
+
+EPILOG_KAGGLE = """examples:
+  digitjax kaggle runs/quick/seed0 --test test.csv -o submission.csv
+  DIGITJAX_KAGGLE_CSV=train.csv digitjax run quick --set data.dataset=kaggle \\
+      --set data.train_split='train[:38000]' --set data.val_split='train[38000:40000]' \\
+      --set data.test_split='train[40000:]'        # train on Kaggle's train.csv instead
+
+Kaggle's images come from MNIST, so a run trained on MNIST has seen Kaggle's test digits:
+its submission is flagged (warning on stderr, "leakage": true with --json).
+"""
+
+EPILOG_PLOT = """examples:
+  digitjax plot runs/quick/seed0            # -> runs/quick/seed0/plots/*.png
+  digitjax plot --augment none -o results/plots/augment_none.png
+  digitjax plot --experiments flax_cnn keras_cnn mlp --workdir runs -o results/plots/study.png
+"""
+
+
+def _app_parsers(sub) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    pr = sub.add_parser("predict", help="classify image files with a trained run",
+                        epilog=EPILOG_PREDICT, formatter_class=raw)
+    pr.add_argument("run_dir", help="a run folder, e.g. runs/quick/seed0")
+    pr.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    pr.add_argument("--checkpoint", default="best",
+                    help="best (by validation accuracy), latest, or a step number")
+    pr.add_argument("--top", type=int, default=3, help="how many classes to list (default 3)")
+    pr.add_argument("--json", action="store_true", help="machine-readable output")
+    pr.add_argument("--save-input", metavar="DIR",
+                    help="also write each preprocessed 28x28 image to DIR as PNG")
+
+    kg = sub.add_parser("kaggle", help="write a Kaggle Digit Recognizer submission",
+                        epilog=EPILOG_KAGGLE, formatter_class=raw)
+    kg.add_argument("run_dir", help="a run folder, e.g. runs/quick/seed0")
+    kg.add_argument("--test", required=True, help="Kaggle's test.csv (pixel0..pixel783)")
+    kg.add_argument("-o", "--output", default="submission.csv",
+                    help="submission file to write (default: submission.csv)")
+    kg.add_argument("--checkpoint", default="best",
+                    help="best (by validation accuracy), latest, or a step number")
+    kg.add_argument("--json", action="store_true", help="machine-readable report")
+    kg.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    pl = sub.add_parser("plot", help="plot a run, an augmentation or a set of experiments",
+                        epilog=EPILOG_PLOT, formatter_class=raw)
+    pl.add_argument("run_dir", nargs="?", help="a run folder: learning curves, confusion "
+                    "matrix, confident mistakes (and augmentation) into RUN_DIR/plots/")
+    pl.add_argument("--checkpoint", help="best, latest or a step (default: the reported one)")
+    pl.add_argument("--augment", metavar="NAME", help="a grid of augmentation NAME on MNIST "
+                    "test digits (no run needed)")
+    pl.add_argument("--experiments", nargs="+", metavar="NAME",
+                    help="test accuracy of each experiment with its seed spread, from "
+                    "WORKDIR/NAME/seed*/summary.json")
+    pl.add_argument("--workdir", help="where run folders are (default: $DIGITJAX_WORKDIR "
+                    "or ./runs)")
+    pl.add_argument("-o", "--output", help="PNG to write (--augment, --experiments)")
+    _data_args(pl)
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -80,7 +178,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import registry, runner
+    from . import registry, runner, wandb_log
     from .config import ConfigError, parse_override, parse_seeds
 
     name = args.name or registry.default_name()
@@ -97,24 +195,116 @@ def cmd_run(args) -> int:
     summaries = runner.run_experiment(
         config, overrides=overrides, workdir=args.workdir, fresh=args.fresh,
         progress=not args.no_progress, data_dir=args.data_dir, idx_dir=args.data_idx,
-        download=args.download)
+        download=args.download, make_loggers=wandb_log.make_loggers(args.wandb))
     return 0 if all(s.get("status") == "completed" for s in summaries) else 1
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run}
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    print(compare(args.experiments, workdir=args.workdir, use_wandb=args.wandb))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .runner import evaluate_run
+
+    r = evaluate_run(args.run_dir, which=args.checkpoint, split=args.split,
+                     data_dir=args.data_dir, idx_dir=args.data_idx, download=args.download)
+    print(f"{r['run_dir']} step {r['step']} (epoch {r['epoch']:g}, {args.checkpoint}): "
+          f"{r['split']} accuracy {100 * r['accuracy']:.2f}%, loss {r['loss']:.4f}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import Predictor, format_prediction
+    from .preprocess import load_digits, save_digit
+
+    if args.top < 1:
+        raise UsageError("--top must be >= 1")
+    # Every image is read before the checkpoint: a bad file fails in a fraction of a second.
+    images = load_digits(args.images, progress=len(args.images) > 20)
+    if args.save_input:
+        from pathlib import Path
+
+        for path, image in zip(args.images, images, strict=True):
+            save_digit(image, Path(args.save_input) / f"{Path(path).stem}_28x28.png")
+    predictor = Predictor.from_run(args.run_dir, args.checkpoint)
+    predictions = predictor.predict(images, top=args.top)
+    if args.json:
+        print(json.dumps({"run_dir": args.run_dir, "checkpoint_step": predictor.checkpoint_step,
+                          "predictions": [{"file": f, **p.to_json()} for f, p in
+                                          zip(args.images, predictions, strict=True)]},
+                         indent=2))
+    else:
+        for f, p in zip(args.images, predictions, strict=True):
+            print(format_prediction(f, p))
+    return 0
+
+
+def cmd_kaggle(args) -> int:
+    from .kaggle import make_submission, read_kaggle_csv
+    from .predict import Predictor
+
+    images, _ = read_kaggle_csv(args.test, labelled=False)  # fail fast, before the model
+    predictor = Predictor.from_run(args.run_dir, args.checkpoint)
+    report = make_submission(predictor, images, args.output, progress=not args.no_progress)
+    if report["warning"]:
+        print(f"digitjax: warning: {report['warning']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"wrote {report['submission']}: {report['images']:,} rows (ImageId,Label) from "
+              f"{args.run_dir} step {report['checkpoint_step']}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from pathlib import Path
+
+    from . import plots, records
+
+    chosen = [x for x in (args.run_dir, args.augment, args.experiments) if x]
+    if len(chosen) != 1:
+        raise UsageError("give exactly one of RUN_DIR, --augment NAME or --experiments NAMES")
+    if args.augment:
+        out = plots.plot_augmentations(plots.sample_images(), args.augment,
+                                       args.output or f"augment_{args.augment}.png")
+        written = [out]
+    elif args.experiments:
+        workdir = Path(args.workdir) if args.workdir else records.default_workdir()
+        study = plots.read_study(workdir, args.experiments)
+        written = [plots.plot_study(study, args.output or "results/study.png")]
+    else:
+        if args.output:
+            raise UsageError("-o is for --augment and --experiments; a run's plots go to "
+                             "RUN_DIR/plots/")
+        written = plots.make_run_plots(
+            args.run_dir, which=args.checkpoint, data_dir=args.data_dir, idx_dir=args.data_idx,
+            download=args.download,
+            echo=lambda line: print(f"digitjax: {line}", file=sys.stderr)).values()
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "eval": cmd_eval,
+            "predict": cmd_predict, "kaggle": cmd_kaggle, "plot": cmd_plot,
+            "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .config import ConfigError
     from .idx import DataError
+    from .loop import Interrupted
 
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, UsageError) as e:
         print(f"digitjax: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         print("digitjax: interrupted", file=sys.stderr)
         return 130
 

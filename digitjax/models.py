@@ -94,6 +94,23 @@ class KerasCNN(nnx.Module):
         return self.dense2(x)
 
 
+class LeanCNN(nnx.Module):
+    """A FLOP-lean 2-conv net for time to accuracy: conv16 5x5, maxpool, conv32 3x3,
+    maxpool, dense128, dense10 (~2.3 MFLOP forward per image, a quarter of flax_cnn's)."""
+
+    def __init__(self, *, num_classes: int, in_channels: int, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(in_channels, 16, (5, 5), rngs=rngs)
+        self.conv2 = nnx.Conv(16, 32, (3, 3), rngs=rngs)
+        self.dense1 = nnx.Linear(7 * 7 * 32, 128, rngs=rngs)
+        self.dense2 = nnx.Linear(128, num_classes, rngs=rngs)
+
+    def __call__(self, x, *, train: bool = False, key=None):
+        x = pool(nnx.relu(self.conv1(x)), 2, "max")
+        x = pool(nnx.relu(self.conv2(x)), 2, "max")
+        x = nnx.relu(self.dense1(x.reshape(x.shape[0], -1)))
+        return self.dense2(x)
+
+
 class MLP(nnx.Module):
     """A fully connected baseline; `hidden=()` is multinomial logistic regression."""
 
@@ -115,6 +132,8 @@ register("flax_cnn", "Flax MNIST example CNN (conv32, avgpool, conv64, avgpool, 
          FlaxExampleCNN)
 register("keras_cnn", "classic Keras MNIST CNN (conv32, conv64, maxpool, dropout, 128, 10)",
          KerasCNN)
+register("lean_cnn", "FLOP-lean 2-conv net for time to accuracy (conv16 5x5, conv32, 128, 10)",
+         LeanCNN)
 register("mlp", "one hidden layer of 256 ReLU units", MLP)
 register("linear", "multinomial logistic regression on pixels",
          functools.partial(MLP, hidden=()))

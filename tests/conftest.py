@@ -20,6 +20,9 @@ def isolated_data_env(tmp_path_factory) -> Path:
     data_dir = tmp_path_factory.mktemp("tfds_data")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TFDS_DATA_DIR", str(data_dir))
+        # A developer's W&B login must not make tests log online.
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
         for var in list(os.environ):
             if var.startswith("DIGITJAX_IDX_DIR"):
                 mp.delenv(var)
