@@ -27,6 +27,11 @@ class DeviceData:
     def eval_split(self, split: str):
         return self.evals[split]
 
+    def to(self, device) -> DeviceData:
+        return dataclasses.replace(self, train_images=jax.device_put(self.train_images, device),
+                                   train_labels=jax.device_put(self.train_labels, device),
+                                   evals=jax.device_put(self.evals, device))
+
 
 def pad_for_eval(images: np.ndarray, labels: np.ndarray, batch: int):
     """Pad to a multiple of the eval batch so one compiled program covers the split."""

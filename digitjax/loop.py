@@ -25,7 +25,7 @@ class Interrupted(Exception):
         self.step, self.signum = step, signum
 
 
-class _StopOnSignal:
+class StopOnSignal:
     """Turn SIGINT/SIGTERM into a request the loop honours at the next chunk boundary."""
 
     def __init__(self):
@@ -38,23 +38,28 @@ class _StopOnSignal:
         self.requested = signum
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and not self._previous:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous = {}
 
 
 class TrainingLoop:
     def __init__(self, trainer: Trainer, seed: int, run_dir: Path, *, progress: bool,
-                 extra_config: dict, loggers: list | None = None):
+                 extra_config: dict, loggers: list | None = None, stop=None,
+                 position: int = 0):
         self.trainer, self.seed, self.run_dir = trainer, seed, run_dir
         # Mirrors of the run records (e.g. W&B): start(config_record, run_dir),
         # log(rows), finish(summary). The files stay the ground truth.
         self.loggers = loggers or []
+        self.stop = stop  # a shared stop request (seeds in threads); None: handle signals here
+        self.position = position  # progress bar row
         self.progress, self.extra_config = progress, extra_config
         self.metrics_path = run_dir / records.METRICS
         self.t_start = time.perf_counter()
@@ -149,6 +154,7 @@ class TrainingLoop:
             return None
         tr = self.trainer
         state, meta = ckpts.restore(step, tr.abstract_state())
+        state = tr.place(state)
         self.last_saved_step = step
         if meta["config_hash"] != tr.config_hash:
             raise ConfigError(f"checkpoint {step} in {ckpts.directory} was made by another "
@@ -187,9 +193,10 @@ class TrainingLoop:
         tr.compile(state, keys)
         compile_seconds = tr.compile_seconds - compile_before
         status, error = "completed", None
-        with _StopOnSignal() as stop, tqdm(
+        with (self.stop or StopOnSignal()) as stop, tqdm(
                 total=tr.num_steps, initial=step, disable=not self.progress, unit="step",
-                leave=False, desc=f"{cfg.name} seed{self.seed}", dynamic_ncols=True) as bar:
+                leave=False, desc=f"{cfg.name} seed{self.seed}", dynamic_ncols=True,
+                position=self.position) as bar:
             try:
                 state, step = self._train(state, step, window, keys, ckpts, bar, stop)
             except Diverged as e:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import queue
+import signal
+import threading
 from pathlib import Path
 
 from . import records
 from .config import Config, ConfigError, config_hash
-from .loop import Interrupted, mean_std
+from .loop import Interrupted, StopOnSignal, mean_std
 
 
 def model_summary(config: Config) -> str:
@@ -61,10 +64,12 @@ def format_summary(s: dict, run_dir: Path) -> str:
 
 def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, fresh=False,
                    progress=True, data_dir=None, idx_dir=None, download=False,
-                   echo=print, make_loggers=None) -> list[dict]:
+                   echo=print, make_loggers=None, parallel: str = "auto") -> list[dict]:
     """Train every seed of `config`; returns their summaries (finished runs are kept).
 
     `make_loggers(seed, run_dir)` returns the mirrors (e.g. W&B) of one seed's records.
+    `parallel`: "auto" trains seeds side by side, one per local device, when there are
+    several devices and seeds; "off" trains them one after another.
     """
     from . import data_device
     from .train import Trainer
@@ -75,39 +80,97 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
         run_dir = records.run_dir(workdir, config.name, seed, overrides)
         state = check_run_dir(run_dir, config)
         plan.append((seed, run_dir, "new" if fresh else state))
-    summaries = []
-    trainer = None
+    summaries: dict[int, dict] = {}
+    todo = []
     for seed, run_dir, state in plan:
         if state == "finished":
-            summary = records.read_json(run_dir / records.SUMMARY)
+            summaries[seed] = records.read_json(run_dir / records.SUMMARY)
             echo(f"{config.name} seed{seed}: already finished, not retrained "
                  f"(--fresh to start over) | {run_dir}")
         else:
-            if trainer is None:
-                _check_writable(workdir)
-                trainer = Trainer(config, data_device.load(
-                    config, data_dir=data_dir, idx_dir=idx_dir, download=download))
+            todo.append((seed, run_dir, state))
+    if todo:
+        _check_writable(workdir)
+        trainer = Trainer(config, data_device.load(config, data_dir=data_dir, idx_dir=idx_dir,
+                                                   download=download))
+        lock = threading.Lock()
+
+        def train_one(tr, seed, run_dir, state, stop, position):
             loggers = make_loggers(seed, run_dir) if make_loggers else []
             if state == "unfinished":
                 echo(f"{config.name} seed{seed}: resuming from the latest checkpoint in "
                      f"{run_dir}")
             try:
-                summary = trainer.fit(seed, run_dir, progress=progress, loggers=loggers,
-                                      extra_config={"overrides": overrides},
-                                      resume=state != "new")
+                summary = tr.fit(seed, run_dir, progress=progress, loggers=loggers,
+                                 extra_config={"overrides": overrides},
+                                 resume=state != "new", stop=stop, position=position)
             except Interrupted as e:
-                seeds = f"--seed {seed}"
                 sets = "".join(f" --set {k}={v}" for k, v in overrides.items())
                 echo(f"{config.name} seed{seed}: {e}; checkpoint saved in {run_dir}. Resume "
-                     f"with: digitjax run {config.name} {seeds}{sets} --workdir {workdir}")
+                     f"with: digitjax run {config.name} --seed {seed}{sets} --workdir {workdir}")
                 raise
-            echo(format_summary(summary, run_dir))
-        summaries.append(summary)
-    done = [s for s in summaries if s.get("status") == "completed"]
+            with lock:
+                summaries[seed] = summary
+                echo(format_summary(summary, run_dir))
+
+        devices = _parallel_devices(parallel, len(todo))
+        if devices:
+            _run_on_devices(trainer, devices, todo, train_one)
+        else:
+            for seed, run_dir, state in todo:
+                train_one(trainer, seed, run_dir, state, None, 0)
+    ordered = [summaries[seed] for seed, _, _ in plan]
+    done = [s for s in ordered if s.get("status") == "completed"]
     if len(done) > 1:
         m, sd = mean_std([100 * s["test_accuracy"] for s in done])
         echo(f"{config.name}: test accuracy {m:.2f} +- {sd:.2f}% over {len(done)} seeds")
-    return summaries
+    return ordered
+
+
+def _parallel_devices(parallel: str, num_seeds: int) -> list:
+    import jax
+
+    if parallel not in ("auto", "off"):
+        raise ConfigError(f"--parallel {parallel!r}: expected auto or off")
+    devices = jax.local_devices()
+    if parallel == "off" or num_seeds < 2 or len(devices) < 2:
+        return []
+    return devices[:num_seeds]
+
+
+def _run_on_devices(trainer, devices, todo, train_one) -> None:
+    """One thread per device, each taking the next seed; Ctrl-C stops them all."""
+    pending = queue.Queue()
+    for item in todo:
+        pending.put(item)
+    errors: list[BaseException] = []
+    stop = StopOnSignal()
+
+    def worker(position, device):
+        tr = trainer.on_device(device)
+        while not errors and not stop.requested:
+            try:
+                seed, run_dir, state = pending.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                train_one(tr, seed, run_dir, state, stop, position)
+            except BaseException as e:  # re-raised in the main thread
+                errors.append(e)
+                stop.requested = stop.requested or signal.SIGTERM
+                return
+
+    with stop:
+        threads = [threading.Thread(target=worker, args=(i, d), daemon=True)
+                   for i, d in enumerate(devices)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(timeout=0.2)  # stay responsive to signals
+    if errors:
+        first = next((e for e in errors if not isinstance(e, Interrupted)), errors[0])
+        raise first
 
 
 def _check_writable(workdir: Path) -> None:

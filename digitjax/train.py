@@ -8,6 +8,7 @@ training loop alone.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
@@ -148,13 +149,31 @@ class Trainer:
         self._compiled: dict[int, object] = {}
         self._eval_batch = steps.make_eval_batch(self.graphdef, num_classes=data.num_classes)
         self.compile_seconds = 0.0
+        self.device = None  # None: jax's default device
 
     @property
     def config_hash(self) -> str:
         return config_hash(self.config)
 
     def keys(self, seed: int) -> dict[str, jax.Array]:
-        return seed_keys(seed)
+        keys = seed_keys(seed)
+        return jax.device_put(keys, self.device) if self.device is not None else keys
+
+    def on_device(self, device) -> Trainer:
+        """A copy whose data and compiled programs live on `device`.
+
+        Seeds train in parallel one per device (on CPU, one per core), each with the plain
+        single-seed program: vmapping seeds would turn convolutions into slow grouped ones.
+        """
+        other = copy.copy(self)
+        other.device = device
+        other.data = self.data.to(device)
+        other._compiled = {}
+        return other
+
+    def place(self, tree):
+        """Put a restored state on this trainer's device."""
+        return jax.device_put(tree, self.device) if self.device is not None else tree
 
     def abstract_state(self) -> steps.TrainState:
         return jax.eval_shape(self._init, jax.random.key(0))
@@ -165,7 +184,7 @@ class Trainer:
     def compile(self, state: steps.TrainState, keys: dict) -> None:
         """Compile every chunk size ahead of time, timing it apart from training."""
         d = self.data
-        perm = jnp.zeros((d.num_train,), jnp.int32)
+        perm = self.place(jnp.zeros((d.num_train,), jnp.int32))
         for n, fn in self._chunks.items():
             if n not in self._compiled:
                 t0 = time.perf_counter()
@@ -195,12 +214,13 @@ class Trainer:
 
     def fit(self, seed: int, run_dir: Path | str, *, progress: bool = True,
             extra_config: dict | None = None, loggers: list | None = None,
-            resume: bool = True) -> dict:
+            resume: bool = True, stop=None, position: int = 0) -> dict:
         """Train one seed into `run_dir`, resuming from its latest checkpoint if any."""
         from .loop import TrainingLoop
 
         return TrainingLoop(self, seed, Path(run_dir), progress=progress,
-                            extra_config=extra_config or {}, loggers=loggers).run(resume=resume)
+                            extra_config=extra_config or {}, loggers=loggers, stop=stop,
+                            position=position).run(resume=resume)
 
     def config_record(self, seed: int, extra: dict) -> dict:
         return {
