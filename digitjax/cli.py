@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true",
                      help="start over even if the run folder holds a finished run")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--parallel", choices=("auto", "off"), default="auto",
+                     help="auto: train seeds side by side, one per local device (on CPU one "
+                     "per core), when there are several; off: one after another")
     run.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto",
                      help="Weights & Biases logging (default auto: online when logged in and "
                      "the server answers, else offline under the run folder; follows "
@@ -195,7 +198,8 @@ def cmd_run(args) -> int:
     summaries = runner.run_experiment(
         config, overrides=overrides, workdir=args.workdir, fresh=args.fresh,
         progress=not args.no_progress, data_dir=args.data_dir, idx_dir=args.data_idx,
-        download=args.download, make_loggers=wandb_log.make_loggers(args.wandb))
+        download=args.download, make_loggers=wandb_log.make_loggers(args.wandb),
+        parallel=args.parallel)
     return 0 if all(s.get("status") == "completed" for s in summaries) else 1
 
 
