@@ -125,6 +125,16 @@ DATASETS: dict[str, DatasetInfo] = {
         },
         homepage="https://github.com/zalandoresearch/fashion-mnist",
     ),
+    # Kaggle's Digit Recognizer train.csv (42,000 MNIST digits), read from $DIGITJAX_KAGGLE_CSV
+    # by digitjax.kaggle, not through TFDS; its only split is "train" (no published digest).
+    "kaggle": DatasetInfo(
+        name="kaggle",
+        num_classes=10,
+        class_names=tuple(str(d) for d in range(10)),
+        image_shape=(28, 28, 1),
+        splits={},
+        homepage="https://www.kaggle.com/c/digit-recognizer",
+    ),
 }
 
 
@@ -460,6 +470,11 @@ def prepare(
     non-standard data such as test fixtures). Already-prepared data is used as is;
     ``idx_dir`` then is not read.
     """
+    if dataset == "kaggle":
+        from digitjax.kaggle import kaggle_csv_path, load_kaggle_train
+
+        load_kaggle_train(kaggle_csv_path())  # parses and checks the whole file
+        return kaggle_csv_path()
     info, reader = _ensure(dataset, data_dir, idx_dir, download, verify, progress)
     for split in reader.info.splits:
         _full_split(reader, info, split, verify, progress)
@@ -483,6 +498,10 @@ def load_split(
     the same as ``tfds.data_source(dataset, split=split)``. Only the named splits are read.
     Prepares first if needed (see ``prepare``). Returned arrays are fresh copies.
     """
+    if dataset == "kaggle":
+        from digitjax.kaggle import load_kaggle_split
+
+        return load_kaggle_split(split)
     info, reader = _ensure(dataset, data_dir, idx_dir, download, verify, progress)
     try:
         instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(reader.info.splits)
@@ -508,6 +527,10 @@ def describe_source(
 ) -> str:
     """One line saying where ``dataset`` would be loaded from; reads no data."""
     _dataset(dataset)
+    if dataset == "kaggle":
+        from digitjax.kaggle import CSV_ENV
+
+        return f"kaggle: Kaggle's train.csv from ${CSV_ENV} ({os.environ.get(CSV_ENV, 'unset')})"
     data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     version_dir = _version_dir(dataset, data_dir)
     if _is_prepared(version_dir):
