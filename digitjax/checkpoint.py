@@ -11,7 +11,6 @@ never restores and cleans at start-up.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import jax
@@ -95,10 +94,6 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
-
-    def delete_all(self) -> None:
-        self.manager.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def choose_step(ckpts: RunCheckpoints, which: str | int) -> int:

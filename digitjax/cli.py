@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true",
                      help="start over even if the run folder holds a finished run")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-plots", action="store_true",
+                     help="do not write the run's plots (<run_dir>/plots/*.png) at the end")
     run.add_argument("--parallel", choices=("auto", "off"), default="auto",
                      help="auto: train seeds side by side, one per local device (on CPU one "
                      "per core), when there are several; off: one after another")
@@ -199,7 +201,7 @@ def cmd_run(args) -> int:
         config, overrides=overrides, workdir=args.workdir, fresh=args.fresh,
         progress=not args.no_progress, data_dir=args.data_dir, idx_dir=args.data_idx,
         download=args.download, make_loggers=wandb_log.make_loggers(args.wandb),
-        parallel=args.parallel)
+        parallel=args.parallel, plots=not args.no_plots)
     return 0 if all(s.get("status") == "completed" for s in summaries) else 1
 
 

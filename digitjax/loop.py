@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,8 @@ from tqdm.auto import tqdm
 from . import checkpoint, faults, records, steps
 from .config import ConfigError
 from .train import Diverged, Trainer, chunk_sizes, crossed, param_hash
+
+_PLOT_LOCK = threading.Lock()
 
 
 class Interrupted(Exception):
@@ -53,13 +57,14 @@ class StopOnSignal:
 class TrainingLoop:
     def __init__(self, trainer: Trainer, seed: int, run_dir: Path, *, progress: bool,
                  extra_config: dict, loggers: list | None = None, stop=None,
-                 position: int = 0):
+                 position: int = 0, plots: bool = False):
         self.trainer, self.seed, self.run_dir = trainer, seed, run_dir
         # Mirrors of the run records (e.g. W&B): start(config_record, run_dir),
         # log(rows), finish(summary). The files stay the ground truth.
         self.loggers = loggers or []
         self.stop = stop  # a shared stop request (seeds in threads); None: handle signals here
         self.position = position  # progress bar row
+        self.plots = plots  # write the run's PNGs when it completes
         self.progress, self.extra_config = progress, extra_config
         self.metrics_path = run_dir / records.METRICS
         self.t_start = time.perf_counter()
@@ -171,13 +176,13 @@ class TrainingLoop:
         cfg = tr.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.save_steps = self._save_steps()
+        ckpt_dir = self.run_dir / checkpoint.CHECKPOINTS
+        if not resume:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
         ckpts = checkpoint.RunCheckpoints(self.run_dir, keep=cfg.checkpoint.keep,
                                           save_steps=self.save_steps)
         resumed = self._resume(ckpts) if resume else None
         if resumed is None:
-            ckpts.delete_all()
-            ckpts = checkpoint.RunCheckpoints(self.run_dir, keep=cfg.checkpoint.keep,
-                                              save_steps=self.save_steps)
             self.metrics_path.unlink(missing_ok=True)
             (self.run_dir / records.SUMMARY).unlink(missing_ok=True)
             state, step, window = tr.init_state(self.seed), 0, []
@@ -294,9 +299,26 @@ class TrainingLoop:
                 "final_test_accuracy": self.last_eval["test"]["accuracy"],
             })
         records.write_json(self.run_dir / records.SUMMARY, summary)
+        if self.plots and status == "completed":
+            paths = self._plots()
+            for logger in self.loggers:
+                logger.log_images(list(paths.values()))
         for logger in self.loggers:
             logger.finish(summary)
         return summary
+
+    def _plots(self) -> dict:
+        """The run's PNGs (learning curves, confusion matrix, mistakes); never fatal."""
+        from . import plots
+
+        images, labels, mask = jax.device_get(self.trainer.data.eval_split("test"))
+        try:
+            with _PLOT_LOCK:  # pyplot is not thread-safe (seeds may train in threads)
+                return plots.make_run_plots(self.run_dir, test_data=(images[mask],
+                                                                     labels[mask]))
+        except Exception as e:  # a plot must never cost a finished run
+            print(f"digitjax: warning: plots of {self.run_dir} failed: {e}", file=sys.stderr)
+            return {}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

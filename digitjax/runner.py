@@ -64,7 +64,8 @@ def format_summary(s: dict, run_dir: Path) -> str:
 
 def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, fresh=False,
                    progress=True, data_dir=None, idx_dir=None, download=False,
-                   echo=print, make_loggers=None, parallel: str = "auto") -> list[dict]:
+                   echo=print, make_loggers=None, parallel: str = "auto",
+                   plots: bool = True) -> list[dict]:
     """Train every seed of `config`; returns their summaries (finished runs are kept).
 
     `make_loggers(seed, run_dir)` returns the mirrors (e.g. W&B) of one seed's records.
@@ -103,7 +104,8 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
             try:
                 summary = tr.fit(seed, run_dir, progress=progress, loggers=loggers,
                                  extra_config={"overrides": overrides},
-                                 resume=state != "new", stop=stop, position=position)
+                                 resume=state != "new", stop=stop, position=position,
+                                 plots=plots)
             except Interrupted as e:
                 sets = "".join(f" --set {k}={v}" for k, v in overrides.items())
                 echo(f"{config.name} seed{seed}: {e}; checkpoint saved in {run_dir}. Resume "

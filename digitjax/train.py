@@ -214,13 +214,13 @@ class Trainer:
 
     def fit(self, seed: int, run_dir: Path | str, *, progress: bool = True,
             extra_config: dict | None = None, loggers: list | None = None,
-            resume: bool = True, stop=None, position: int = 0) -> dict:
+            resume: bool = True, stop=None, position: int = 0, plots: bool = False) -> dict:
         """Train one seed into `run_dir`, resuming from its latest checkpoint if any."""
         from .loop import TrainingLoop
 
         return TrainingLoop(self, seed, Path(run_dir), progress=progress,
                             extra_config=extra_config or {}, loggers=loggers, stop=stop,
-                            position=position).run(resume=resume)
+                            position=position, plots=plots).run(resume=resume)
 
     def config_record(self, seed: int, extra: dict) -> dict:
         return {
