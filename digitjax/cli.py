@@ -304,10 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .idx import DataError
     from .loop import Interrupted
+    from .records import RunLocked
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, UsageError) as e:
+    except (ConfigError, DataError, UsageError, RunLocked) as e:
         print(f"digitjax: error: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Interrupted):

@@ -8,6 +8,8 @@ the previous version intact.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -130,3 +132,31 @@ def environment() -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "git_commit": git_commit(),
     }
+
+
+class RunLocked(RuntimeError):
+    """Another live process is training this run folder."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold `<run_dir>/.lock` while training: a second process on the folder is refused.
+
+    An flock, so the kernel releases it when the holder dies (even by SIGKILL): a killed
+    run never leaves the folder locked.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise RunLocked(f"{run_dir} is being trained by another process (pid {holder})"
+                            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

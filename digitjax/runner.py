@@ -89,6 +89,9 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
             echo(f"{config.name} seed{seed}: already finished, not retrained "
                  f"(--fresh to start over) | {run_dir}")
         else:
+            if state == "unfinished":
+                with records.run_lock(run_dir):  # fail fast, before loading any data
+                    pass
             todo.append((seed, run_dir, state))
     if todo:
         _check_writable(workdir)
@@ -102,10 +105,11 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
                 echo(f"{config.name} seed{seed}: resuming from the latest checkpoint in "
                      f"{run_dir}")
             try:
-                summary = tr.fit(seed, run_dir, progress=progress, loggers=loggers,
-                                 extra_config={"overrides": overrides},
-                                 resume=state != "new", stop=stop, position=position,
-                                 plots=plots)
+                with records.run_lock(run_dir):
+                    summary = tr.fit(seed, run_dir, progress=progress, loggers=loggers,
+                                     extra_config={"overrides": overrides},
+                                     resume=state != "new", stop=stop, position=position,
+                                     plots=plots)
             except Interrupted as e:
                 sets = "".join(f" --set {k}={v}" for k, v in overrides.items())
                 echo(f"{config.name} seed{seed}: {e}; checkpoint saved in {run_dir}. Resume "

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from digitjax import cli
+from digitjax import cli, registry
+from digitjax.config import config_hash
 
 
 def run_cli(capsys, *argv):
@@ -82,3 +83,23 @@ def test_default_experiment_end_to_end_on_real_mnist(prepared_mnist, tmp_path):
     again = subprocess.run([sys.executable, "-m", "digitjax", "run", "--workdir", str(tmp_path)],
                            capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_a_run_folder_in_training_is_refused_and_a_killed_holder_frees_it(capsys, tmp_path):
+    from digitjax import records
+
+    run_dir = tmp_path / "quick" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"config_hash": config_hash(
+        registry.get("quick").config)}))
+    with records.run_lock(run_dir):
+        code, _, err = run_cli(capsys, "run", "quick", "--workdir", str(tmp_path), "--no-plots")
+        assert code == 2 and "is being trained by another process" in err
+    # A holder killed with SIGKILL never leaves the folder locked.
+    holder = subprocess.run([sys.executable, "-c", (
+        "import os, signal; from digitjax import records\n"
+        f"with records.run_lock({str(run_dir)!r}): os.kill(os.getpid(), signal.SIGKILL)")],
+        timeout=60)
+    assert holder.returncode == -9
+    with records.run_lock(run_dir):
+        pass
