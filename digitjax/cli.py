@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train an experiment's seeds", epilog=EPILOG_RUN,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("name", nargs="?", help="registered experiment (default: quick)")
+    run.add_argument("--experiment", dest="experiment", help=argparse.SUPPRESS)
     run.add_argument("--seeds", help="e.g. 0-2 or 0,3,5 (default: the experiment's seeds)")
     run.add_argument("--seed", type=int, help="a single seed")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -67,6 +68,31 @@ def _parser() -> argparse.ArgumentParser:
                      "(default: $DIGITJAX_WORKDIR or ./runs)")
     cmp.add_argument("--wandb", action="store_true", help="read the runs from the W&B API "
                      "(project $WANDB_PROJECT or digitjax, entity $WANDB_ENTITY)")
+
+    sw = sub.add_parser("sweep", help="run every (experiment, seed) of a study; resumable",
+                        epilog="examples:\n  digitjax sweep architectures --dry-run\n"
+                        "  digitjax sweep architectures --shard 0/2   # on machine 1 of 2\n"
+                        "  digitjax sweep architectures --wandb-sweep > sweep.yaml\n",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sw.add_argument("study")
+    sw.add_argument("--workdir", help="default: results/runs/<study>")
+    sw.add_argument("--shard", help="i/n: run the i-th of n deterministic slices")
+    sw.add_argument("--dry-run", action="store_true", help="list the runs and their state")
+    sw.add_argument("--wandb-sweep", action="store_true",
+                    help="print a W&B Sweeps config (grid over experiments and seeds)")
+    sw.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto")
+    sw.add_argument("--no-progress", action="store_true")
+    sw.add_argument("--parallel", choices=("auto", "off"), default="auto")
+    _data_args(sw)
+
+    tb = sub.add_parser("table", help="rebuild results/<study>.md and .csv from run records",
+                        epilog="examples:\n  digitjax table architectures\n"
+                        "  digitjax table architectures --check   # exit 1 if they differ\n",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tb.add_argument("study")
+    tb.add_argument("--workdir", help="default: results/runs/<study>")
+    tb.add_argument("--check", action="store_true",
+                    help="recompute and compare with the committed files instead of writing")
 
     ev = sub.add_parser("eval", help="evaluate a saved checkpoint of a run",
                         epilog="examples:\n  digitjax eval runs/quick/seed0\n"
@@ -186,7 +212,7 @@ def cmd_run(args) -> int:
     from . import registry, runner, wandb_log
     from .config import ConfigError, parse_override, parse_seeds
 
-    name = args.name or registry.default_name()
+    name = args.name or args.experiment or registry.default_name()
     seeds = None
     try:
         if args.seed is not None:
@@ -209,6 +235,34 @@ def cmd_compare(args) -> int:
     from .compare import compare
 
     print(compare(args.experiments, workdir=args.workdir, use_wandb=args.wandb))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from . import study, wandb_log
+
+    if args.wandb_sweep:
+        print(study.wandb_sweep_config(args.study), end="")
+        return 0
+    study.sweep(args.study, workdir=args.workdir, shard=args.shard, dry_run=args.dry_run,
+                progress=not args.no_progress, data_dir=args.data_dir, idx_dir=args.data_idx,
+                download=args.download, make_loggers=wandb_log.make_loggers(args.wandb),
+                parallel=args.parallel)
+    return 0
+
+
+def cmd_table(args) -> int:
+    from . import study
+
+    paths = study.table(args.study, workdir=args.workdir, check=args.check)
+    if args.check:
+        if paths:
+            print(f"digitjax: {', '.join(paths)} differ from the run records "
+                  f"(rebuild with: digitjax table {args.study})", file=sys.stderr)
+            return 1
+        print(f"{args.study}: tables match the run records")
+        return 0
+    print("wrote " + ", ".join(paths))
     return 0
 
 
@@ -295,8 +349,8 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "eval": cmd_eval,
-            "predict": cmd_predict, "kaggle": cmd_kaggle, "plot": cmd_plot,
-            "compare": cmd_compare}
+            "sweep": cmd_sweep, "table": cmd_table, "compare": cmd_compare,
+            "predict": cmd_predict, "kaggle": cmd_kaggle, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,3 +75,32 @@ def check_names(config: Config) -> None:
         if name not in known:
             raise ConfigError(f"unknown {kind} {name!r}{closest(name, known)}; "
                               f"known: {', '.join(sorted(known))}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    name: str
+    description: str
+    experiments: tuple[str, ...]
+
+
+@functools.cache
+def studies() -> dict[str, Study]:
+    module = importlib.import_module("digitjax.experiments")
+    found: dict[str, Study] = {}
+    for s in getattr(module, "STUDIES", []):
+        if s.name in found:
+            raise ValueError(f"study {s.name!r} is registered twice")
+        missing = [e for e in s.experiments if e not in registry()]
+        if missing:
+            raise ValueError(f"study {s.name!r} names unknown experiments {missing}")
+        found[s.name] = s
+    return found
+
+
+def get_study(name: str) -> Study:
+    known = studies()
+    if name not in known:
+        raise ConfigError(f"unknown study {name!r}{closest(name, known)}; "
+                          f"known: {', '.join(known) or 'none'}")
+    return known[name]

@@ -13,22 +13,34 @@ from .config import Config, ConfigError, config_hash
 from .loop import Interrupted, StopOnSignal, mean_std
 
 
-def model_summary(config: Config) -> str:
-    """Parameter count and forward FLOPs of the config's model."""
+def _abstract_model(config: Config):
     import jax
     from flax import nnx
 
     from . import data, models, steps
 
     info = data.DATASETS[config.data.dataset]
-    shape = info.image_shape
     abstract = nnx.eval_shape(lambda: models.create(
-        config.model.name, num_classes=info.num_classes, in_channels=shape[-1],
+        config.model.name, num_classes=info.num_classes, in_channels=info.image_shape[-1],
         rngs=nnx.Rngs(jax.random.key(0))))
-    graphdef, params, rest = steps.split_model(abstract)
-    flops = models.forward_flops(graphdef, params, rest, shape)
+    return (*steps.split_model(abstract), info.image_shape)
+
+
+def model_flops(config: Config) -> int:
+    """Forward FLOPs per image of the config's model."""
+    from . import models
+
+    graphdef, params, rest, shape = _abstract_model(config)
+    return models.forward_flops(graphdef, params, rest, shape)
+
+
+def model_summary(config: Config) -> str:
+    """Parameter count and forward FLOPs of the config's model."""
+    from . import models
+
+    _, params, _, _ = _abstract_model(config)
     return (f"model {config.model.name}: {models.count_params(params):,} parameters, "
-            f"{flops / 1e6:.2f} MFLOP forward per image")
+            f"{model_flops(config) / 1e6:.2f} MFLOP forward per image")
 
 
 def check_run_dir(run_dir: Path, config: Config) -> str:
@@ -65,7 +77,7 @@ def format_summary(s: dict, run_dir: Path) -> str:
 def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, fresh=False,
                    progress=True, data_dir=None, idx_dir=None, download=False,
                    echo=print, make_loggers=None, parallel: str = "auto",
-                   plots: bool = True) -> list[dict]:
+                   plots: bool = True, skip_locked: bool = False) -> list[dict]:
     """Train every seed of `config`; returns their summaries (finished runs are kept).
 
     `make_loggers(seed, run_dir)` returns the mirrors (e.g. W&B) of one seed's records.
@@ -90,8 +102,14 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
                  f"(--fresh to start over) | {run_dir}")
         else:
             if state == "unfinished":
-                with records.run_lock(run_dir):  # fail fast, before loading any data
-                    pass
+                try:
+                    with records.run_lock(run_dir):  # fail fast, before loading any data
+                        pass
+                except records.RunLocked as e:
+                    if not skip_locked:
+                        raise
+                    echo(f"{config.name} seed{seed}: skipped, {e}")
+                    continue
             todo.append((seed, run_dir, state))
     if todo:
         _check_writable(workdir)
@@ -100,16 +118,28 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
         lock = threading.Lock()
 
         def train_one(tr, seed, run_dir, state, stop, position):
-            loggers = make_loggers(seed, run_dir) if make_loggers else []
-            if state == "unfinished":
-                echo(f"{config.name} seed{seed}: resuming from the latest checkpoint in "
-                     f"{run_dir}")
             try:
                 with records.run_lock(run_dir):
+                    if not fresh:  # another process may have run it since we looked
+                        state = check_run_dir(run_dir, config)
+                    if state == "finished":
+                        with lock:
+                            summaries[seed] = records.read_json(run_dir / records.SUMMARY)
+                        echo(f"{config.name} seed{seed}: finished by another process")
+                        return
+                    if state == "unfinished":
+                        echo(f"{config.name} seed{seed}: resuming from the latest checkpoint "
+                             f"in {run_dir}")
+                    loggers = make_loggers(seed, run_dir) if make_loggers else []
                     summary = tr.fit(seed, run_dir, progress=progress, loggers=loggers,
                                      extra_config={"overrides": overrides},
                                      resume=state != "new", stop=stop, position=position,
                                      plots=plots)
+            except records.RunLocked as e:
+                if not skip_locked:
+                    raise
+                echo(f"{config.name} seed{seed}: skipped, {e}")
+                return
             except Interrupted as e:
                 sets = "".join(f" --set {k}={v}" for k, v in overrides.items())
                 echo(f"{config.name} seed{seed}: {e}; checkpoint saved in {run_dir}. Resume "
@@ -125,7 +155,7 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
         else:
             for seed, run_dir, state in todo:
                 train_one(trainer, seed, run_dir, state, None, 0)
-    ordered = [summaries[seed] for seed, _, _ in plan]
+    ordered = [summaries[seed] for seed, _, _ in plan if seed in summaries]
     done = [s for s in ordered if s.get("status") == "completed"]
     if len(done) > 1:
         m, sd = mean_std([100 * s["test_accuracy"] for s in done])

@@ -3,7 +3,7 @@
 Run one with `digitjax run NAME`; `digitjax show NAME` prints its full config.
 """
 
-from digitjax.registry import experiment
+from digitjax.registry import Study, experiment
 
 from .base import BASE
 
@@ -36,4 +36,53 @@ EXPERIMENTS = [
     experiment("fashion_flax_cnn", "Flax-example CNN and recipe on Fashion-MNIST, 10 epochs",
                BASE, {**FLAX_RECIPE, "data.dataset": "fashion_mnist", "train.epochs": 10,
                       "seeds": (0, 1, 2)}),
+]
+
+# -- studies: named comparisons, each experiment with 5 seeds unless said ----------------
+SEEDS5 = (0, 1, 2, 3, 4)
+SMALL_DATA = {"data.train_split": "train[:4096]", "data.val_split": "train[55000:56000]",
+              "data.test_split": "test[:2000]"}
+
+# Every architecture, one recipe (Adam, one-cycle peak 3e-3, batch 128), no augmentation.
+ARCH_RECIPE = {"optimizer.name": "adam", "optimizer.learning_rate": 3e-3,
+               "schedule.name": "onecycle", "train.batch_size": 128, "train.epochs": 3,
+               "seeds": SEEDS5}
+ARCHITECTURES = ("linear", "mlp", "lenet5", "keras_cnn", "flax_cnn", "lean_cnn",
+                 "bn_cnn_half", "bn_cnn", "resnet_small")
+EXPERIMENTS += [experiment(f"arch_{m}", f"{m}, Adam one-cycle 3e-3, 3 epochs, no augmentation",
+                           BASE, {**ARCH_RECIPE, "model.name": m}) for m in ARCHITECTURES]
+
+# One strong, affordable architecture with every augmentation.
+AUG_RECIPE = {**ARCH_RECIPE, "model.name": "bn_cnn_half", "train.epochs": 5}
+AUGMENTATIONS = ("none", "translate", "affine", "elastic", "cutout")
+EXPERIMENTS += [experiment(f"aug_{a}", f"bn_cnn_half, augmentation {a}, 5 epochs", BASE,
+                           {**AUG_RECIPE, "augment.name": a}) for a in AUGMENTATIONS]
+
+# The top recipe, and the same architectures on Fashion-MNIST.
+EXPERIMENTS += [
+    experiment("best_bn_cnn", "bn_cnn, affine augmentation, Adam one-cycle 3e-3, label "
+               "smoothing 0.1, 15 epochs", BASE,
+               {**ARCH_RECIPE, "model.name": "bn_cnn", "augment.name": "affine",
+                "train.label_smoothing": 0.1, "train.epochs": 15}),
+    *[experiment(f"fmnist_{m}", f"{m} on Fashion-MNIST, Adam one-cycle 3e-3, 5 epochs",
+                 BASE, {**ARCH_RECIPE, "model.name": m, "data.dataset": "fashion_mnist",
+                        "train.epochs": 5}) for m in ("flax_cnn", "bn_cnn_half")],
+    # A study small enough for CI to sweep and check: 4,096 training images, 2 epochs.
+    *[experiment(f"smoke_{m}", f"{m} on 4,096 MNIST images, 2 epochs (CI's study)", BASE,
+                 {**ARCH_RECIPE, **SMALL_DATA, "model.name": m, "train.epochs": 2,
+                  "seeds": (0, 1)}) for m in ("linear", "lean_cnn")],
+]
+
+STUDIES = [
+    Study("architectures", "Every architecture with one recipe (Adam, one-cycle peak 3e-3, "
+          "batch 128, 3 epochs), no augmentation, 5 seeds each. CPU budget ~1-2 h.",
+          tuple(f"arch_{m}" for m in ARCHITECTURES)),
+    Study("augmentation", "bn_cnn_half with each augmentation, 5 epochs, 5 seeds each. "
+          "CPU budget ~1-2 h.", tuple(f"aug_{a}" for a in AUGMENTATIONS)),
+    Study("best", "The top recipe: bn_cnn, affine augmentation, label smoothing, 15 epochs, "
+          "5 seeds. CPU budget ~6 h.", ("best_bn_cnn",)),
+    Study("fashion", "Fashion-MNIST with the architectures recipe, 5 epochs, 5 seeds.",
+          ("fmnist_flax_cnn", "fmnist_bn_cnn_half")),
+    Study("smoke", "Two small models on 4,096 MNIST images, 2 epochs, 2 seeds: small enough "
+          "for CI to sweep, tabulate and check.", ("smoke_linear", "smoke_lean_cnn")),
 ]

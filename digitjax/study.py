@@ -1,0 +1,221 @@
+"""Studies: a named set of experiments x seeds that makes one comparison.
+
+`sweep` runs every (experiment, seed) of a study into `<workdir>/<experiment>/seed<k>/`;
+it is resumable and idempotent (finished runs are skipped, interrupted ones resume, runs
+another process holds are left to it) and `--shard i/n` takes a deterministic slice.
+`table` rebuilds `results/<study>.md` and `.csv` from the run records alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+from pathlib import Path
+
+from . import records, registry
+from .config import ConfigError
+from .loop import mean_std
+
+RESULTS = Path("results")
+TIMING_UNITS = {"train_seconds": "s", "images_per_second": "img/s"}
+# Two-sided 95% Student t quantiles by degrees of freedom (n - 1); normal beyond 30.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+       9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def default_workdir(study: str) -> Path:
+    return RESULTS / "runs" / study
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def plan(study_name: str, shard: str | None = None) -> list[tuple[str, int]]:
+    """The (experiment, seed) pairs of a study, in a fixed order; this shard's slice."""
+    study = registry.get_study(study_name)
+    pairs = [(name, seed) for name in study.experiments
+             for seed in registry.get(name).config.seeds]
+    i, n = parse_shard(shard)
+    return pairs[i::n]
+
+
+def sweep(study_name: str, *, workdir=None, shard=None, dry_run=False, echo=print,
+          **run_kwargs) -> list[dict]:
+    """Run this shard of a study; returns the summaries of the runs it finished or found."""
+    from .runner import run_experiment
+
+    workdir = Path(workdir) if workdir else default_workdir(study_name)
+    pairs = plan(study_name, shard)
+    if dry_run:
+        for name, seed in pairs:
+            run_dir = records.run_dir(workdir, name, seed, {})
+            echo(f"{name} seed{seed}  {_state(run_dir)}  {run_dir}")
+        return []
+    summaries = []
+    by_experiment: dict[str, list[int]] = {}
+    for name, seed in pairs:
+        by_experiment.setdefault(name, []).append(seed)
+    for name, seeds in by_experiment.items():
+        config = registry.resolve(name, seeds=tuple(seeds))
+        summaries += run_experiment(config, overrides={}, workdir=workdir, echo=echo,
+                                    skip_locked=True, **run_kwargs)
+    return summaries
+
+
+def _state(run_dir: Path) -> str:
+    summary = run_dir / records.SUMMARY
+    if summary.exists():
+        return records.read_json(summary).get("status", "?")
+    return "unfinished" if (run_dir / records.CONFIG).exists() else "to run"
+
+
+@dataclasses.dataclass
+class Row:
+    experiment: str
+    description: str
+    model: str
+    augmentation: str
+    seeds: int
+    completed: int
+    diverged: int
+    test_mean: float
+    test_std: float
+    test_min: float
+    test_max: float
+    test_ci95: float
+    val_mean: float
+    num_params: int | None
+    mflops: float | None
+    epochs: int
+    train_seconds: float
+    images_per_second: float
+
+
+def collect(study_name: str, workdir=None) -> tuple[list[Row], dict]:
+    """Table rows from the run records, and facts about the machine and versions."""
+    from .runner import model_flops
+
+    workdir = Path(workdir) if workdir else default_workdir(study_name)
+    study = registry.get_study(study_name)
+    rows, env = [], {}
+    for name in study.experiments:
+        config = registry.get(name).config
+        summaries = []
+        for seed in config.seeds:
+            run_dir = records.run_dir(workdir, name, seed, {})
+            if (run_dir / records.SUMMARY).exists():
+                summaries.append(records.read_json(run_dir / records.SUMMARY))
+                if not env:
+                    env = records.read_json(run_dir / records.CONFIG).get("environment", {})
+        done = [s for s in summaries if s.get("status") == "completed"]
+        test = [100 * s["test_accuracy"] for s in done]
+        m, sd = mean_std(test)
+        rows.append(Row(
+            experiment=name, description=config.description, model=config.model.name,
+            augmentation=config.augment.name, seeds=len(config.seeds), completed=len(done),
+            diverged=sum(s.get("status") == "diverged" for s in summaries),
+            test_mean=m, test_std=sd, test_min=min(test, default=math.nan),
+            test_max=max(test, default=math.nan), test_ci95=ci95(sd, len(test)),
+            val_mean=mean_std([100 * s["val_accuracy"] for s in done])[0],
+            num_params=done[0]["num_params"] if done else None,
+            mflops=model_flops(config) / 1e6, epochs=config.train.epochs,
+            train_seconds=mean_std([s["train_seconds"] for s in done])[0],
+            images_per_second=mean_std([s["images_per_second"] for s in done])[0]))
+    return rows, env
+
+
+def ci95(sd: float, n: int) -> float:
+    """Half-width of the 95% confidence interval of a mean of n values."""
+    if n < 2 or math.isnan(sd):
+        return math.nan
+    dof = n - 1
+    t = T95.get(dof) or next((T95[k] for k in sorted(T95) if k >= dof), 1.96)
+    return t * sd / math.sqrt(n)
+
+
+def _f(x, fmt: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def render(study_name: str, rows: list[Row], env: dict) -> tuple[str, str]:
+    """(markdown, csv) of a study; deterministic given the records."""
+    study = registry.get_study(study_name)
+    lines = [f"# Study `{study_name}`", "", study.description, "",
+             "| experiment | model | augmentation | seeds | test acc % (mean +- std) | min | max "
+             "| 95% CI +- | val acc % | params | MFLOP fwd | epochs | train s | images/s |",
+             "|" + " --- |" * 14]
+    for r in rows:
+        seeds = f"{r.completed}/{r.seeds}" + (f" ({r.diverged} diverged)" if r.diverged else "")
+        acc = (f"{r.test_mean:.2f} +- {r.test_std:.2f}" if r.completed else "-")
+        lines.append(
+            f"| {r.experiment} | {r.model} | {r.augmentation} | {seeds} | {acc} | "
+            f"{_f(r.test_min, '.2f')} | {_f(r.test_max, '.2f')} | {_f(r.test_ci95, '.2f')} | "
+            f"{_f(r.val_mean, '.2f')} | {_f(r.num_params, ',')} | {_f(r.mflops, '.2f')} | "
+            f"{r.epochs} | {_f(r.train_seconds, '.1f')} | {_f(r.images_per_second, ',.0f')} |")
+    versions = env.get("versions", {})
+    lines += ["", "Test accuracy is that of each run's checkpoint chosen on validation "
+              "(a split carved from the training set, `data.val_split`); diverged runs are "
+              "counted apart, never averaged in. Train seconds and images/s are per seed "
+              "(training loop only).", "",
+              f"- Reproduce: `digitjax sweep {study_name}` then `digitjax table {study_name}`",
+              f"- Hardware: {env.get('cpu_model', '?')} ({env.get('cpu_count', '?')} cores); "
+              f"backend {env.get('backend', '?')} ({env.get('device_kind', '?')}, "
+              f"{env.get('device_count', '?')} device(s))",
+              "- Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v),
+              f"- XLA flags: `{env.get('xla_flags', '')}`", ""]
+    buf = io.StringIO()
+    fields = [f.name for f in dataclasses.fields(Row)]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (round(v, 4) if isinstance(v, float) else v)
+                         for k, v in dataclasses.asdict(r).items()})
+    return "\n".join(lines), buf.getvalue()
+
+
+def table(study_name: str, *, workdir=None, out_dir=RESULTS, check=False) -> list[str]:
+    """Write results/<study>.md and .csv; with check, compare instead (returns differences)."""
+    rows, env = collect(study_name, workdir)
+    md, csv_text = render(study_name, rows, env)
+    out_dir = Path(out_dir)
+    targets = {out_dir / f"{study_name}.md": md, out_dir / f"{study_name}.csv": csv_text}
+    if check:
+        return [str(p) for p, text in targets.items()
+                if not p.exists() or p.read_text() != text]
+    for path, text in targets.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return [str(p) for p in targets]
+
+
+def wandb_sweep_config(study_name: str) -> str:
+    """A W&B Sweeps config (grid over the study's experiments and seeds) as YAML text."""
+    study = registry.get_study(study_name)
+    seeds = sorted({s for n in study.experiments for s in registry.get(n).config.seeds})
+    exps = ", ".join(study.experiments)
+    return "\n".join([
+        "# wandb sweep this file, then run `wandb agent <sweep id>` on each machine",
+        f"name: digitjax-{study_name}",
+        "program: digitjax",
+        "method: grid",
+        "parameters:",
+        f"  experiment:\n    values: [{exps}]",
+        f"  seed:\n    values: [{', '.join(map(str, seeds))}]",
+        "command:",
+        "  - ${program}",
+        "  - run",
+        "  - ${args}",
+        f"  - --workdir={default_workdir(study_name)}",
+        "",
+    ])

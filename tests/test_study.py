@@ -1,0 +1,87 @@
+"""Studies: deterministic shards, resumable sweeps, tables rebuilt from the records."""
+
+from pathlib import Path
+
+import pytest
+
+from digitjax import data_device, records, registry, study
+from digitjax.config import ConfigError, config_hash
+from digitjax.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"time", "train_seconds", "compile_seconds", "eval_seconds", "total_seconds",
+          "images_per_second"}
+
+
+def test_every_study_names_registered_experiments():
+    assert {"architectures", "augmentation", "best", "fashion", "smoke"} <= set(
+        registry.studies())
+    for s in registry.studies().values():
+        for name in s.experiments:
+            registry.resolve(name)  # valid values and known model/augmentation/data names
+
+
+def test_shards_partition_the_plan_deterministically():
+    full = study.plan("architectures")
+    assert len(full) == len(set(full)) == 5 * len(registry.get_study("architectures").experiments)
+    shards = [study.plan("architectures", f"{i}/3") for i in range(3)]
+    assert sorted(p for s in shards for p in s) == sorted(full)
+    assert shards[1] == study.plan("architectures", "1/3")
+    for bad in ("3/3", "x", "1-2"):
+        with pytest.raises(ConfigError):
+            study.plan("architectures", bad)
+    with pytest.raises(ConfigError, match="unknown study 'architecture'"):
+        study.plan("architecture")
+
+
+def test_ci95_uses_student_t():
+    assert study.ci95(1.0, 5) == pytest.approx(2.776 / 5 ** 0.5)
+    assert study.ci95(1.0, 1) != study.ci95(1.0, 1)  # nan for one value
+
+
+def test_sweep_is_resumable_and_the_table_is_rebuilt_from_records(prepared_mnist, tmp_path):
+    lines = []
+    kwargs = {"workdir": tmp_path, "echo": lines.append, "progress": False, "plots": False,
+              "make_loggers": None}
+    study.sweep("smoke", shard="0/2", **kwargs)  # half the runs, as one machine of two
+    assert len([line for line in lines if "test accuracy" in line and "seed" in line]) == 2
+    study.sweep("smoke", dry_run=True, **kwargs)
+    assert sum("to run" in line for line in lines) == 2
+    lines.clear()
+    study.sweep("smoke", **kwargs)  # finishes the rest, never redoes the first half
+    assert sum("already finished" in line for line in lines) == 2
+    out = tmp_path / "tables"
+    study.table("smoke", workdir=tmp_path, out_dir=out)
+    md = (out / "smoke.md").read_text()
+    assert "| smoke_lean_cnn | lean_cnn | none | 2/2 |" in md
+    assert study.table("smoke", workdir=tmp_path, out_dir=out, check=True) == []
+    summary = tmp_path / "smoke_linear" / "seed1" / records.SUMMARY
+    s = records.read_json(summary)
+    records.write_json(summary, {**s, "status": "diverged"})
+    assert study.table("smoke", workdir=tmp_path, out_dir=out, check=True)
+    study.table("smoke", workdir=tmp_path, out_dir=out)
+    assert "1/2 (1 diverged)" in (out / "smoke.md").read_text()
+
+
+def test_committed_tables_match_their_committed_records():
+    for s in registry.studies():
+        if (ROOT / "results" / f"{s}.md").exists():
+            assert study.table(s, workdir=ROOT / "results" / "runs" / s,
+                               out_dir=ROOT / "results", check=True) == [], s
+
+
+def test_a_committed_run_is_reproduced_by_the_code(prepared_mnist, tmp_path):
+    """The committed records came from this code: re-run one and compare every row."""
+    run_dir = ROOT / "results" / "runs" / "smoke" / "smoke_lean_cnn" / "seed0"
+    assert (run_dir / records.SUMMARY).exists(), "results/runs/smoke is not committed"
+    committed = records.read_json(run_dir / records.CONFIG)
+    config = registry.resolve("smoke_lean_cnn", seeds=(0,))
+    assert committed["config_hash"] == config_hash(config)
+
+    summary = Trainer(config, data_device.load(config)).fit(0, tmp_path, progress=False)
+    old = records.read_json(run_dir / records.SUMMARY)
+    assert summary["final_param_hash"] == old["final_param_hash"]
+    strip = [{k: v for k, v in r.items() if k not in TIMING}
+             for r in records.read_metrics(tmp_path / records.METRICS)]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING}
+                     for r in records.read_metrics(run_dir / records.METRICS)]
