@@ -165,6 +165,8 @@ def _app_parsers(sub) -> None:
     pl.add_argument("--checkpoint", help="best, latest or a step (default: the reported one)")
     pl.add_argument("--augment", metavar="NAME", help="a grid of augmentation NAME on MNIST "
                     "test digits (no run needed)")
+    pl.add_argument("--study", help="each experiment's test accuracy and seed spread in a "
+                    "study (default output results/plots/study_STUDY.png)")
     pl.add_argument("--experiments", nargs="+", metavar="NAME",
                     help="test accuracy of each experiment with its seed spread, from "
                     "WORKDIR/NAME/seed*/summary.json")
@@ -324,9 +326,18 @@ def cmd_plot(args) -> int:
 
     from . import plots, records
 
-    chosen = [x for x in (args.run_dir, args.augment, args.experiments) if x]
+    chosen = [x for x in (args.run_dir, args.augment, args.experiments, args.study) if x]
     if len(chosen) != 1:
-        raise UsageError("give exactly one of RUN_DIR, --augment NAME or --experiments NAMES")
+        raise UsageError("give exactly one of RUN_DIR, --augment NAME, --study STUDY or "
+                         "--experiments NAMES")
+    if args.study:
+        from . import registry, study
+
+        names = list(registry.get_study(args.study).experiments)
+        workdir = Path(args.workdir) if args.workdir else study.default_workdir(args.study)
+        out = args.output or f"results/plots/study_{args.study}.png"
+        print(f"wrote {plots.plot_study(plots.read_study(workdir, names), out)}")
+        return 0
     if args.augment:
         out = plots.plot_augmentations(plots.sample_images(), args.augment,
                                        args.output or f"augment_{args.augment}.png")

@@ -153,12 +153,22 @@ class TrainingLoop:
         }
 
     def _resume(self, ckpts: checkpoint.RunCheckpoints):
-        """(state, step, window) from the latest checkpoint, or None to start fresh."""
-        step = ckpts.latest_step()
-        if step is None:
-            return None
+        """(state, step, window) from the newest readable checkpoint, or None to start fresh.
+
+        A checkpoint whose files are damaged (not just cut off: those Orbax never lists) is
+        skipped with a warning, and the one before it is used.
+        """
         tr = self.trainer
-        state, meta = ckpts.restore(step, tr.abstract_state())
+        for step in reversed(ckpts.all_steps()):
+            try:
+                state, meta = ckpts.restore(step, tr.abstract_state())
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint
+                print(f"digitjax: warning: checkpoint {step} in {ckpts.directory} is "
+                      f"unreadable ({type(e).__name__}); trying an earlier one", file=sys.stderr)
+                continue
+            break
+        else:
+            return None
         state = tr.place(state)
         self.last_saved_step = step
         if meta["config_hash"] != tr.config_hash:

@@ -188,3 +188,27 @@ def test_eval_of_best_and_latest_checkpoints(mnist_idx, tmp_path, prepared_mnist
         runner.evaluate_run(run_dir, which="5")
     with pytest.raises(ConfigError, match="not a run folder"):
         runner.evaluate_run(tmp_path)
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(mnist_idx, tmp_path):
+    tr = small_trainer(mnist_idx, "checkpoint.keep=3")
+    reference = tr.fit(0, tmp_path / "ref", progress=False)
+    run_dir = tmp_path / "run"
+    tr.fit(0, run_dir, progress=False)
+    (run_dir / records.SUMMARY).unlink()
+    steps = sorted(int(p.name) for p in (run_dir / checkpoint.CHECKPOINTS).iterdir()
+                   if p.name.isdigit())
+    for f in (run_dir / checkpoint.CHECKPOINTS / str(steps[-1]) / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    resumed = tr.fit(0, run_dir, progress=False)
+    assert strip(resumed) == strip(reference)
+
+
+def test_checkpoint_cadence_does_not_change_the_numbers(mnist_idx, tmp_path):
+    often = small_trainer(mnist_idx, "checkpoint.every_steps=8").fit(0, tmp_path / "a",
+                                                                     progress=False)
+    rarely = small_trainer(mnist_idx, "checkpoint.every_steps=0").fit(0, tmp_path / "b",
+                                                                      progress=False)
+    assert often["final_param_hash"] == rarely["final_param_hash"]
+    assert often["test_accuracy"] == rarely["test_accuracy"]

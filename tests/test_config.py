@@ -86,3 +86,15 @@ def test_every_registered_experiment_is_a_valid_config():
 def test_unknown_experiment_lists_the_closest():
     with pytest.raises(ConfigError, match=r"unknown experiment 'flax_cn'.*flax_cnn"):
         registry.get("flax_cn")
+
+
+def test_every_registered_experiment_builds_its_model():
+    from digitjax.runner import model_summary
+
+    seen = {}
+    for exp in registry.registry().values():
+        registry.check_names(exp.config)
+        key = (exp.config.model.name, exp.config.data.dataset)
+        if key not in seen:
+            seen[key] = model_summary(exp.config)
+            assert "parameters" in seen[key]
