@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
-from . import faults, records
+from . import faults, records, steps
 from .config import ConfigError, from_dict
 
 # Orbax logs routine decisions (read-only options, saves without metrics) as warnings.
@@ -162,7 +162,7 @@ def load_model(run_dir: Path | str, which: str | int = "best"):
     info = DATASETS[config.data.dataset]
     graphdef, *_ = build_model(config, info.num_classes, info.image_shape[-1],
                                record["num_steps"], record["steps_per_epoch"])
-    model = nnx.merge(graphdef, state.params, state.rest)
+    model = nnx.merge(graphdef, steps.eval_params(state), state.rest)
     return model, {**record, "checkpoint_step": step}
 
 

@@ -25,6 +25,14 @@ class TrainState:
     params: Any  # nnx.State of nnx.Param
     rest: Any  # other model state (batch-norm statistics), possibly empty
     opt_state: Any
+    # Exponential moving average of the parameters (evaluated instead of them when on);
+    # an empty dict when train.ema_decay is 0. Not optax.ema, which averages updates.
+    ema: Any
+
+
+def eval_params(state: TrainState):
+    """The parameters evaluation uses: the moving average when it is kept."""
+    return state.ema if state.ema else state.params
 
 
 def split_model(model: nnx.Module):
@@ -46,7 +54,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, augment, *, batch_size: int,
-                    num_classes: int, label_smoothing: float):
+                    num_classes: int, label_smoothing: float, ema_decay: float = 0.0):
     """One optimizer step on the batch at `offset` of the epoch permutation."""
 
     def train_step(state: TrainState, images_u8, labels, perm, offset, aug_key, dropout_key):
@@ -66,7 +74,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, augment, *, batc
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
-        new_state = TrainState(state.step + 1, params, rest, opt_state)
+        ema = state.ema
+        if ema_decay:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        new_state = TrainState(state.step + 1, params, rest, opt_state, ema)
         return new_state, {"loss": loss, "accuracy": accuracy}
 
     return train_step

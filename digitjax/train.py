@@ -109,7 +109,8 @@ def build_model(config: Config, num_classes: int, in_channels: int, num_steps: i
 
     def init(key) -> steps.TrainState:
         _, params, rest = steps.split_model(make_model(key))
-        return steps.TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params))
+        ema = jax.tree.map(jnp.copy, params) if config.train.ema_decay else {}
+        return steps.TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params), ema)
 
     return graphdef, abs_params, tx, schedule, init
 
@@ -141,7 +142,7 @@ class Trainer:
         train_step = steps.make_train_step(
             self.graphdef, self.tx, augment.get(config.augment.name),
             batch_size=t.batch_size, num_classes=data.num_classes,
-            label_smoothing=t.label_smoothing)
+            label_smoothing=t.label_smoothing, ema_decay=t.ema_decay)
         self._chunks = {
             n: steps.make_train_chunk(train_step, num_steps=n, batch_size=t.batch_size,
                                       loop=self.execution.loop)
@@ -203,7 +204,8 @@ class Trainer:
         """Loss, accuracy and per-class accuracy on a whole split (one host fetch)."""
         images, labels, mask = self.data.eval_split(split)
         b = self.config.train.eval_batch_size
-        sums = [self._eval_batch(state.params, state.rest, images[i:i + b], labels[i:i + b],
+        params = steps.eval_params(state)
+        sums = [self._eval_batch(params, state.rest, images[i:i + b], labels[i:i + b],
                                  mask[i:i + b]) for i in range(0, images.shape[0], b)]
         sums = jax.device_get(sums)
         total = {k: np.sum([s[k] for s in sums], axis=0) for k in sums[0]}

@@ -212,3 +212,17 @@ def test_checkpoint_cadence_does_not_change_the_numbers(mnist_idx, tmp_path):
                                                                       progress=False)
     assert often["final_param_hash"] == rarely["final_param_hash"]
     assert often["test_accuracy"] == rarely["test_accuracy"]
+
+
+def test_resume_restores_the_weight_average(mnist_idx, tmp_path):
+    import shutil
+
+    tr = small_trainer(mnist_idx, "train.ema_decay=0.9", "checkpoint.keep=3")
+    reference = tr.fit(0, tmp_path / "ref", progress=False)
+    run_dir = tmp_path / "run"
+    tr.fit(0, run_dir, progress=False)
+    (run_dir / records.SUMMARY).unlink()
+    ckpt_dir = run_dir / checkpoint.CHECKPOINTS
+    latest = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    shutil.rmtree(ckpt_dir / str(latest))  # resume from an earlier checkpoint
+    assert strip(tr.fit(0, run_dir, progress=False)) == strip(reference)

@@ -111,3 +111,28 @@ def test_run_records_hold_what_the_summary_reports(mnist_idx, tmp_path):
 def test_mean_std():
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(np.sqrt(2.0)))
     assert mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_ema_of_weights_is_kept_and_evaluated(mnist_idx):
+    import dataclasses
+
+    import jax
+
+    tr = Trainer(quick_config("train.ema_decay=0.9", "train.batch_size=64"),
+                 small_data(mnist_idx))
+    keys, state = tr.keys(0), tr.init_state(0)
+    tr.compile(state, keys)
+    perm = steps.epoch_permutation(keys["data"], 0, tr.data.num_train)
+    def leaf(tree):
+        return np.asarray(jax.tree.leaves(tree)[0])
+
+    ema0 = leaf(state.ema)  # a host copy: the state's buffers are donated to the next call
+    for offset in range(0, 8 * 64, 4 * 64):
+        state, _ = tr.run_chunk(state, 4, perm, offset, keys)
+    # The average trails the weights: it is neither the initial nor the current weights.
+    assert not np.allclose(leaf(state.ema), leaf(state.params))
+    assert not np.allclose(leaf(state.ema), ema0)
+    no_ema = dataclasses.replace(state, ema={})
+    with_params = dataclasses.replace(state, ema=state.params)
+    assert tr.evaluate(state, "val") != tr.evaluate(no_ema, "val")
+    assert tr.evaluate(with_params, "val") == tr.evaluate(no_ema, "val")
