@@ -85,6 +85,15 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--parallel", choices=("auto", "off"), default="auto")
     _data_args(sw)
 
+    en = sub.add_parser("ensemble", help="test accuracy of an experiment's seeds' averaged "
+                        "logits (each seed's reported checkpoint)",
+                        epilog="examples:\n  digitjax ensemble flax_cnn\n"
+                        "  digitjax ensemble arch_bn_cnn --workdir results/runs/architectures\n",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    en.add_argument("experiment")
+    en.add_argument("--workdir", help="default: $DIGITJAX_WORKDIR or ./runs")
+    _data_args(en)
+
     tb = sub.add_parser("table", help="rebuild results/<study>.md and .csv from run records",
                         epilog="examples:\n  digitjax table architectures\n"
                         "  digitjax table architectures --check   # exit 1 if they differ\n",
@@ -253,6 +262,19 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_ensemble(args) -> int:
+    from . import records
+    from .ensemble import ensemble
+
+    r = ensemble(args.experiment, args.workdir or records.default_workdir(),
+                 data_dir=args.data_dir, idx_dir=args.data_idx, download=args.download)
+    for m in r["members"]:
+        print(f"  {m['run_dir']} step {m['step']}: {100 * m['accuracy']:.2f}%")
+    print(f"{args.experiment}: ensemble of {r['seeds']} seeds: {r['split']} accuracy "
+          f"{100 * r['accuracy']:.2f}%")
+    return 0
+
+
 def cmd_table(args) -> int:
     from . import study
 
@@ -360,8 +382,8 @@ def cmd_plot(args) -> int:
 
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "eval": cmd_eval,
-            "sweep": cmd_sweep, "table": cmd_table, "compare": cmd_compare,
-            "predict": cmd_predict, "kaggle": cmd_kaggle, "plot": cmd_plot}
+            "sweep": cmd_sweep, "table": cmd_table, "ensemble": cmd_ensemble,
+            "compare": cmd_compare, "predict": cmd_predict, "kaggle": cmd_kaggle, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,7 +70,22 @@ def sweep(study_name: str, *, workdir=None, shard=None, dry_run=False, echo=prin
         config = registry.resolve(name, seeds=tuple(seeds))
         summaries += run_experiment(config, overrides={}, workdir=workdir, echo=echo,
                                     skip_locked=True, **run_kwargs)
+        _maybe_ensemble(name, workdir, echo)
     return summaries
+
+
+def _maybe_ensemble(name: str, workdir: Path, echo) -> None:
+    """Once every seed of an experiment is finished here, record their ensemble."""
+    from .ensemble import ENSEMBLE, ensemble
+
+    config = registry.get(name).config
+    dirs = [records.run_dir(workdir, name, s, {}) for s in config.seeds]
+    if len(dirs) < 2 or (workdir / name / ENSEMBLE).exists():
+        return
+    if all(_state(d) == "completed" and (d / "checkpoints").exists() for d in dirs):
+        result = ensemble(name, workdir)
+        echo(f"{name}: ensemble of {result['seeds']} seeds: test accuracy "
+             f"{100 * result['accuracy']:.2f}%")
 
 
 def _state(run_dir: Path) -> str:
@@ -100,6 +115,7 @@ class Row:
     epochs: int
     train_seconds: float
     images_per_second: float
+    ensemble: float | None  # test accuracy (%) of the seeds' averaged logits
 
 
 def collect(study_name: str, workdir=None) -> tuple[list[Row], dict]:
@@ -131,8 +147,16 @@ def collect(study_name: str, workdir=None) -> tuple[list[Row], dict]:
             num_params=done[0]["num_params"] if done else None,
             mflops=model_flops(config) / 1e6, epochs=config.train.epochs,
             train_seconds=mean_std([s["train_seconds"] for s in done])[0],
-            images_per_second=mean_std([s["images_per_second"] for s in done])[0]))
+            images_per_second=mean_std([s["images_per_second"] for s in done])[0],
+            ensemble=_ensemble_accuracy(workdir / name)))
     return rows, env
+
+
+def _ensemble_accuracy(folder: Path) -> float | None:
+    from .ensemble import ENSEMBLE
+
+    path = folder / ENSEMBLE
+    return 100 * records.read_json(path)["accuracy"] if path.exists() else None
 
 
 def ci95(sd: float, n: int) -> float:
@@ -153,14 +177,15 @@ def render(study_name: str, rows: list[Row], env: dict) -> tuple[str, str]:
     study = registry.get_study(study_name)
     lines = [f"# Study `{study_name}`", "", study.description, "",
              "| experiment | model | augmentation | seeds | test acc % (mean +- std) | min | max "
-             "| 95% CI +- | val acc % | params | MFLOP fwd | epochs | train s | images/s |",
-             "|" + " --- |" * 14]
+             "| 95% CI +- | ensemble % | val acc % | params | MFLOP fwd | epochs | train s "
+             "| images/s |", "|" + " --- |" * 15]
     for r in rows:
         seeds = f"{r.completed}/{r.seeds}" + (f" ({r.diverged} diverged)" if r.diverged else "")
         acc = (f"{r.test_mean:.2f} +- {r.test_std:.2f}" if r.completed else "-")
         lines.append(
             f"| {r.experiment} | {r.model} | {r.augmentation} | {seeds} | {acc} | "
             f"{_f(r.test_min, '.2f')} | {_f(r.test_max, '.2f')} | {_f(r.test_ci95, '.2f')} | "
+            f"{_f(r.ensemble, '.2f')} | "
             f"{_f(r.val_mean, '.2f')} | {_f(r.num_params, ',')} | {_f(r.mflops, '.2f')} | "
             f"{r.epochs} | {_f(r.train_seconds, '.1f')} | {_f(r.images_per_second, ',.0f')} |")
     versions = env.get("versions", {})

@@ -50,10 +50,15 @@ def test_sweep_is_resumable_and_the_table_is_rebuilt_from_records(prepared_mnist
     lines.clear()
     study.sweep("smoke", **kwargs)  # finishes the rest, never redoes the first half
     assert sum("already finished" in line for line in lines) == 2
+    ensembles = [line for line in lines if "ensemble of 2 seeds" in line]
+    assert len(ensembles) == 2  # one per experiment, once all its seeds are done
     out = tmp_path / "tables"
     study.table("smoke", workdir=tmp_path, out_dir=out)
     md = (out / "smoke.md").read_text()
     assert "| smoke_lean_cnn | lean_cnn | none | 2/2 |" in md
+    ens = records.read_json(tmp_path / "smoke_lean_cnn" / "ensemble.json")
+    assert len(ens["members"]) == 2 and 0.5 < ens["accuracy"] <= 1.0
+    assert f"{100 * ens['accuracy']:.2f}" in md
     assert study.table("smoke", workdir=tmp_path, out_dir=out, check=True) == []
     summary = tmp_path / "smoke_linear" / "seed1" / records.SUMMARY
     s = records.read_json(summary)
