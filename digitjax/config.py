@@ -64,6 +64,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # > 0: evaluate an exponential moving average of the weights
+    tta_views: int = 0  # > 0: evaluate the mean logits of the image and this many augmented views
     # Steps run by one compiled call; 0 = the backend's default (see train.backend_defaults).
     steps_per_call: int = 0
     # "unroll" | "scan" | "auto": XLA:CPU is slow on backward convs inside a loop body
@@ -237,6 +238,9 @@ def check_values(config: Config) -> None:
         (t.eval_every_epochs >= 1, "train.eval_every_epochs must be >= 1"),
         (0.0 <= t.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1) (0 = off)"),
+        (t.tta_views >= 0, "train.tta_views must be >= 0"),
+        (t.tta_views == 0 or config.augment.name != "none",
+         "train.tta_views needs an augmentation (augment.name) to draw views from"),
         (t.loop in ("auto", "unroll", "scan"), "train.loop must be auto, unroll or scan"),
         (t.select in ("best_val", "final"), "train.select must be best_val or final"),
         (o.learning_rate > 0, "optimizer.learning_rate must be > 0"),

@@ -107,11 +107,24 @@ def make_train_chunk(train_step, *, num_steps: int, batch_size: int, loop: str):
     return jax.jit(chunk, donate_argnums=(0,))
 
 
-def make_eval_batch(graphdef, *, num_classes: int):
-    """Sums over one padded batch: loss, correct, count, per-class correct and count."""
+TTA_SEED = 20260101  # test-time views are the same for every run and evaluation
+
+
+def make_eval_batch(graphdef, *, num_classes: int, augment=None, tta_views: int = 0):
+    """Sums over one padded batch: loss, correct, count, per-class correct and count.
+
+    With `tta_views` > 0, logits are averaged over the image and that many augmented views
+    (test-time augmentation), drawn from fixed keys so evaluation stays deterministic.
+    """
 
     def eval_batch(params, rest, images_u8, labels, mask):
-        logits = nnx.merge(graphdef, params, rest)(to_float(images_u8), train=False)
+        model = nnx.merge(graphdef, params, rest)
+        x = to_float(images_u8)
+        logits = model(x, train=False)
+        for v in range(tta_views):
+            view = augment(x, jax.random.fold_in(jax.random.key(TTA_SEED), v))
+            logits = logits + model(view, train=False)
+        logits = logits / (1 + tta_views)
         loss = cross_entropy(logits, labels, num_classes)
         correct = (jnp.argmax(logits, -1) == labels) & mask
         onehot = jax.nn.one_hot(labels, num_classes) * mask[:, None]

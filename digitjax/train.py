@@ -148,7 +148,9 @@ class Trainer:
                                       loop=self.execution.loop)
             for n in set(chunk_sizes(self.steps_per_epoch, self.execution.steps_per_call))}
         self._compiled: dict[int, object] = {}
-        self._eval_batch = steps.make_eval_batch(self.graphdef, num_classes=data.num_classes)
+        self._eval_batch = steps.make_eval_batch(
+            self.graphdef, num_classes=data.num_classes, augment=augment.get(config.augment.name),
+            tta_views=t.tta_views)
         self.compile_seconds = 0.0
         self.device = None  # None: jax's default device
 

@@ -136,3 +136,15 @@ def test_ema_of_weights_is_kept_and_evaluated(mnist_idx):
     with_params = dataclasses.replace(state, ema=state.params)
     assert tr.evaluate(state, "val") != tr.evaluate(no_ema, "val")
     assert tr.evaluate(with_params, "val") == tr.evaluate(no_ema, "val")
+
+
+def test_test_time_augmentation_averages_views_deterministically(mnist_idx):
+    base = ["train.batch_size=64", "augment.name=translate"]
+    data = small_data(mnist_idx)
+    plain, tta = (Trainer(quick_config(*base, *extra), data)
+                  for extra in ([], ["train.tta_views=4"]))
+    state = plain.init_state(0)
+    a, b, c = plain.evaluate(state, "val"), tta.evaluate(state, "val"), tta.evaluate(state, "val")
+    assert b == c and b["loss"] != a["loss"]
+    with pytest.raises(ConfigError, match="needs an augmentation"):
+        registry.resolve("quick", ["train.tta_views=2"])
