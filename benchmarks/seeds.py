@@ -1,0 +1,189 @@
+"""Benchmark 2: K seeds side by side against K seeds one after another, wall time.
+
+Each mode is one `digitjax run EXPERIMENT --seeds ...` process into a fresh workdir, timed
+from spawn to exit (start-up, data, compile, training and evaluation of every seed):
+- sequential: one host device, `--parallel off`;
+- parallel: XLA_FLAGS=--xla_force_host_platform_device_count=2, `--parallel auto` (one
+  seed per device, i.e. per core, each with the plain single-seed program);
+- parallel_no_eigen_mt: as parallel, plus --xla_cpu_multi_thread_eigen=false.
+Every run is killed after --timeout (2 host devices have deadlocked before), and each
+seed's final parameter hash is compared with the sequential run's: the modes must agree
+bit for bit.
+
+    python benchmarks/seeds.py                      # 5 seeds of flax_cnn_1ep on 20k images
+    python benchmarks/seeds.py --seeds 0-1 --train-split 'train[:1280]' --force   # a check
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import _common
+
+MODES = {  # name -> (--parallel, extra XLA flags)
+    "sequential": ("off", []),
+    "parallel": ("auto", [_common.DEVICE_COUNT_2]),
+    "parallel_no_eigen_mt": ("auto", [_common.DEVICE_COUNT_2,
+                                      "--xla_cpu_multi_thread_eigen=false"]),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", default="flax_cnn_1ep", help="registered experiment")
+    p.add_argument("--seeds", default="0-4", help="the K seeds (default 0-4)")
+    p.add_argument("--train-split", default="train[:20000]",
+                   help="a shorter training split keeps the run short ('' = the experiment's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="more config overrides, passed to digitjax run")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated, from {', '.join(MODES)} (sequential is the baseline)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per mode, in alternating order (median reported)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per run before a kill")
+    p.add_argument("--keep-workdirs", action="store_true", help="keep the run folders")
+    _common.add_common_args(p)
+    args = p.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(args.modes) - set(MODES)
+    if unknown:
+        p.error(f"unknown mode(s) {', '.join(sorted(unknown))}; known: {', '.join(MODES)}")
+    return args
+
+
+def overrides(args) -> list[str]:
+    sets = [f"data.train_split={args.train_split}"] if args.train_split else []
+    return sets + args.set
+
+
+def run_mode(mode: str, args) -> dict:
+    parallel, flags = MODES[mode]
+    workdir = Path(tempfile.mkdtemp(prefix=f"digitjax-bench-seeds-{mode}-"))
+    cmd = [*_common.digitjax_command(), "run", args.experiment, "--seeds", args.seeds,
+           *[a for o in overrides(args) for a in ("--set", o)], "--workdir", str(workdir),
+           "--no-progress", "--wandb", "off", "--parallel", parallel]
+    xla_flags = " ".join(f for f in [_common.USER_XLA_FLAGS, *flags] if f)
+    print(f"{mode}: XLA_FLAGS={xla_flags!r} digitjax run ... --parallel {parallel}",
+          file=sys.stderr, flush=True)
+    proc = _common.run_process(cmd, timeout=args.timeout, env=_common.child_env(xla_flags))
+    out = {"mode": mode, "wall_seconds": round(proc.wall_seconds, 2),
+           "returncode": proc.returncode, "timed_out": proc.timed_out,
+           "xla_flags_given": xla_flags}
+    seeds = []
+    for path in sorted(workdir.glob("*/seed*/summary.json")):
+        s = _common.read_json(path)
+        seeds.append({k: s.get(k) for k in (
+            "seed", "status", "train_seconds", "compile_seconds", "eval_seconds",
+            "total_seconds", "images_per_second", "test_accuracy", "final_param_hash")})
+    configs = sorted(workdir.glob("*/seed*/config.json"))
+    if configs:
+        c = _common.read_json(configs[0])
+        out["device_count"] = c["execution"]["device_count"]
+        out["xla_flags_in_run"] = c["environment"]["xla_flags"]
+    out["seeds"] = sorted(seeds, key=lambda s: s["seed"])
+    if proc.returncode != 0:
+        out["tail"] = proc.tail()
+        why = (f"timed out after {args.timeout:.0f} s, killed" if proc.timed_out
+               else f"exit {proc.returncode}")
+        print(f"{mode} failed ({why}):\n{proc.tail()}", file=sys.stderr, flush=True)
+    else:
+        print(f"{mode}: {proc.wall_seconds:.1f} s", file=sys.stderr, flush=True)
+    if args.keep_workdirs:
+        out["workdir"] = str(workdir)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+def summarize(runs: list[dict], args) -> dict:
+    by_mode = {m: [r for r in runs if r["mode"] == m] for m in args.modes}
+    base_hashes = {s["seed"]: s["final_param_hash"] for r in by_mode.get("sequential", [])
+                   for s in r["seeds"]}
+    modes = {}
+    for mode, rs in by_mode.items():
+        ok = [r for r in rs if r["returncode"] == 0]
+        seeds = [s for r in ok for s in r["seeds"]]
+        hashes = {s["seed"]: s["final_param_hash"] for s in seeds}
+        modes[mode] = {
+            "runs": len(rs), "failed": len(rs) - len(ok),
+            "timed_out": sum(r["timed_out"] for r in rs),
+            "wall_seconds": _common.median([r["wall_seconds"] for r in ok]),
+            "walls": [r["wall_seconds"] for r in rs],
+            "device_count": ok[0].get("device_count") if ok else None,
+            "train_seconds_per_seed": _common.median([s["train_seconds"] for s in seeds]),
+            # Sequential seeds share one compile; parallel ones compile once per device.
+            "compile_seconds_all_seeds": _common.median(
+                [sum(s["compile_seconds"] for s in r["seeds"]) for r in ok]),
+            "images_per_second_per_seed": _common.median(
+                [s["images_per_second"] for s in seeds]),
+            "mean_test_accuracy": _common.mean_std([s["test_accuracy"] for s in seeds])[0],
+            "same_params_as_sequential": (hashes == base_hashes) if base_hashes and ok
+            else None,
+        }
+    base = modes.get("sequential", {}).get("wall_seconds")
+    for m in modes.values():
+        m["speedup_vs_sequential"] = (round(base / m["wall_seconds"], 3)
+                                      if base and m["wall_seconds"] else None)
+    return modes
+
+
+def times(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def report(modes: dict, args) -> str:
+    rows = []
+    for mode, m in modes.items():
+        flags = " ".join(f for f in MODES[mode][1]) or "(none)"
+        fails = f"{m['failed']} of {m['runs']} failed ({m['timed_out']} timed out)" \
+            if m["failed"] else "ok"
+        same = {True: "yes", False: "**NO**", None: "-"}[m["same_params_as_sequential"]]
+        rows.append([mode, f"`{flags}`", f"`--parallel {MODES[mode][0]}`",
+                     _common.fmt(m["wall_seconds"]), times(m["speedup_vs_sequential"]),
+                     _common.fmt(m["compile_seconds_all_seeds"]),
+                     _common.fmt(m["train_seconds_per_seed"]),
+                     _common.fmt(m["images_per_second_per_seed"], ",.0f"), same, fails])
+    sets = " ".join(f"--set {o}" for o in overrides(args)) or "(none)"
+    par = modes.get("parallel", {}).get("speedup_vs_sequential")
+    lines = [
+        f"`digitjax run {args.experiment} --seeds {args.seeds}` with overrides `{sets}` "
+        f"(a shortened config: same data and config in every mode), `--no-progress --wandb "
+        f"off`, a fresh workdir per run; wall = spawn to exit of the whole process (start-up, "
+        f"data, compile, training and evaluation of all seeds); median of {args.repeats} "
+        f"run(s) per mode, modes alternating. Each run is killed after {args.timeout:.0f} s.",
+        "",
+        _common.table(["mode", "extra XLA_FLAGS", "digitjax option", "wall s",
+                       "speed-up vs sequential", "compile s (all seeds)", "train s per seed",
+                       "images/s per seed",
+                       "same final params as sequential", "runs"], rows),
+        "",
+        f"Target: >= 1.6x faster than sequential on this 2-core CPU: parallel "
+        f"{times(par)}.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    guard = _common.check_idle(args)
+    env = _common.environment()
+    runs = []
+    for r in range(args.repeats):
+        for mode in (args.modes if r % 2 == 0 else args.modes[::-1]):
+            runs.append(run_mode(mode, args))
+    modes = summarize(runs, args)
+    results = {"experiment": args.experiment, "seeds": args.seeds,
+               "overrides": overrides(args), "repeats": args.repeats, "modes": modes,
+               "runs": runs}
+    _common.record("seeds", "2. Seeds side by side vs one after another", env, guard,
+                   results, report(modes, args), enabled=not args.no_record)
+    return 0 if all(r["returncode"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
