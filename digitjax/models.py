@@ -132,8 +132,8 @@ class LeNet5(nnx.Module):
     """LeNet-5 (LeCun et al. 1998) adapted to 28x28 inputs: conv6 5x5 SAME (the paper pads
     to 32x32 instead), maxpool, conv16 5x5 VALID, maxpool, dense 120, 84, 10.
 
-    ReLU and max pooling rather than the paper's scaled tanh and trainable subsampling:
-    the common modern form, which trains faster under the recipes we compare.
+    ReLU and max pooling, the common modern form, rather than the paper's scaled tanh and
+    trainable average subsampling (and its RBF output layer).
     """
 
     def __init__(self, *, num_classes: int, in_channels: int, rngs: nnx.Rngs):

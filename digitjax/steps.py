@@ -64,7 +64,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, augment, *, batc
         dkey = jax.random.fold_in(dropout_key, state.step)
 
         def loss_fn(params):
-            model = nnx.merge(graphdef, params, state.rest)
+            model = nnx.merge(graphdef, params, state.rest, copy=True)
             logits = model(x, train=True, key=dkey)
             _, _, rest = split_model(model)
             loss = cross_entropy(logits, y, num_classes, label_smoothing).mean()
