@@ -8,6 +8,7 @@ and DIGITJAX_XLA_DEFAULTS=0 turns ours off. benchmarks/ re-measures it on the pi
 
 import os
 import sys
+import warnings
 
 CPU_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"}
 
@@ -15,9 +16,13 @@ CPU_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"
 def configure_xla_flags() -> None:
     if os.environ.get("DIGITJAX_XLA_DEFAULTS", "1") == "0":
         return
-    if "jax" in sys.modules:  # too late to change XLA's flags in this process
-        return
     flags = os.environ.get("XLA_FLAGS", "")
     extra = [f"{k}={v}" for k, v in CPU_FLAGS.items() if k not in flags]
+    if "jax" in sys.modules:  # too late to change XLA's flags in this process
+        if extra:
+            warnings.warn("jax was imported before digitjax, so digitjax's XLA:CPU flags are "
+                          "not set: training is slower and its numbers differ slightly from "
+                          "`digitjax run`'s (import digitjax first)", stacklevel=3)
+        return
     if extra:
         os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()

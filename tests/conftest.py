@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+# Before anything imports jax: digitjax sets its XLA flags then (they change the numerics
+# slightly, so every test process must run with the same flags as `digitjax run`).
+import digitjax  # noqa: F401
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The CI checkout has the shared data sets next to the repo (see ../shared/data/README.md).
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -1,12 +1,14 @@
 """Studies: deterministic shards, resumable sweeps, tables rebuilt from the records."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from digitjax import data_device, records, registry, study
+from digitjax import records, registry, study
 from digitjax.config import ConfigError, config_hash
-from digitjax.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"time", "train_seconds", "compile_seconds", "eval_seconds", "total_seconds",
@@ -76,17 +78,24 @@ def test_committed_tables_match_their_committed_records():
 
 
 def test_a_committed_run_is_reproduced_by_the_code(prepared_mnist, tmp_path):
-    """The committed records came from this code: re-run one and compare every row."""
+    """The committed records came from this code: re-run one as a user would, compare rows."""
     run_dir = ROOT / "results" / "runs" / "smoke" / "smoke_lean_cnn" / "seed0"
     assert (run_dir / records.SUMMARY).exists(), "results/runs/smoke is not committed"
     committed = records.read_json(run_dir / records.CONFIG)
-    config = registry.resolve("smoke_lean_cnn", seeds=(0,))
-    assert committed["config_hash"] == config_hash(config)
-
-    summary = Trainer(config, data_device.load(config)).fit(0, tmp_path, progress=False)
+    assert committed["config_hash"] == config_hash(registry.resolve("smoke_lean_cnn"))
+    env = {**os.environ, "TFDS_DATA_DIR": str(prepared_mnist)}
+    out = subprocess.run([sys.executable, "-m", "digitjax", "run", "smoke_lean_cnn", "--seed",
+                          "0", "--workdir", str(tmp_path), "--no-progress", "--no-plots",
+                          "--wandb", "off"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    new_dir = tmp_path / "smoke_lean_cnn" / "seed0"
+    new = records.read_json(new_dir / records.CONFIG)
+    assert new["environment"]["xla_flags"] == committed["environment"]["xla_flags"]
+    summary = records.read_json(new_dir / records.SUMMARY)
     old = records.read_json(run_dir / records.SUMMARY)
     assert summary["final_param_hash"] == old["final_param_hash"]
     strip = [{k: v for k, v in r.items() if k not in TIMING}
-             for r in records.read_metrics(tmp_path / records.METRICS)]
+             for r in records.read_metrics(new_dir / records.METRICS)]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING}
                      for r in records.read_metrics(run_dir / records.METRICS)]
