@@ -82,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="print a W&B Sweeps config (grid over experiments and seeds)")
     sw.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto")
     sw.add_argument("--no-progress", action="store_true")
+    sw.add_argument("--no-plots", action="store_true", help="do not write each run's plots")
     sw.add_argument("--parallel", choices=("auto", "off"), default="auto")
     _data_args(sw)
 
@@ -258,7 +259,7 @@ def cmd_sweep(args) -> int:
     study.sweep(args.study, workdir=args.workdir, shard=args.shard, dry_run=args.dry_run,
                 progress=not args.no_progress, data_dir=args.data_dir, idx_dir=args.data_idx,
                 download=args.download, make_loggers=wandb_log.make_loggers(args.wandb),
-                parallel=args.parallel)
+                parallel=args.parallel, plots=not args.no_plots)
     return 0
 
 
