@@ -356,8 +356,12 @@ def cmd_plot(args) -> int:
     if args.study:
         from . import registry, study
 
-        names = list(registry.get_study(args.study).experiments)
         workdir = Path(args.workdir) if args.workdir else study.default_workdir(args.study)
+        # Experiments not run yet are left out (a study can be plotted while it grows).
+        names = [n for n in registry.get_study(args.study).experiments
+                 if any((workdir / n).glob("seed*/summary.json"))]
+        if not names:
+            raise UsageError(f"no finished runs of study {args.study} in {workdir}")
         out = args.output or f"results/plots/study_{args.study}.png"
         print(f"wrote {plots.plot_study(plots.read_study(workdir, names), out)}")
         return 0
