@@ -67,3 +67,11 @@ def mnist_idx():
     x, y = idx.read_idx_pair(d / "train-images-idx3-ubyte.gz", d / "train-labels-idx1-ubyte.gz")
     tx, ty = idx.read_idx_pair(d / "t10k-images-idx3-ubyte.gz", d / "t10k-labels-idx1-ubyte.gz")
     return (x[..., None], y.astype("int32")), (tx[..., None], ty.astype("int32"))
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, mnist_idx):
+    """A tiny real training run's folder, shared by the predict, Kaggle and plot tests."""
+    from _tiny_run import tiny_run
+
+    return tiny_run(tmp_path_factory, mnist_idx)

@@ -6,15 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from _cli import run_cli
 
-from digitjax import cli, registry
+from digitjax import registry
 from digitjax.config import config_hash
-
-
-def run_cli(capsys, *argv):
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_list_shows_every_experiment_with_seeds(capsys):

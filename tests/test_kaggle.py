@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 import pytest
-from _tiny_run import tiny_run
+from _cli import run_cli
 
-from digitjax import cli, data, data_device, kaggle, registry
+from digitjax import data, data_device, kaggle, registry
 from digitjax.idx import DataError
 from digitjax.predict import Predictor
 
@@ -14,15 +14,6 @@ HEADER = ",".join(kaggle.TEST_HEADER)
 ROW = ",".join(["0"] * 784)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, mnist_idx):
-    return tiny_run(tmp_path_factory, mnist_idx)
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_csv_round_trip_in_kaggle_format(mnist_idx, tmp_path):

@@ -6,22 +6,10 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from _tiny_run import tiny_run
+from _cli import run_cli
 from PIL import Image
 
-from digitjax import augment, cli, plots
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, mnist_idx):
-    return tiny_run(tmp_path_factory, mnist_idx)
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from digitjax import augment, plots
 
 
 def assert_png(path, kind):

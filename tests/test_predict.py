@@ -4,16 +4,11 @@ import json
 
 import numpy as np
 import pytest
-from _tiny_run import tiny_run
+from _cli import run_cli
 from PIL import Image
 
-from digitjax import cli, preprocess
+from digitjax import preprocess
 from digitjax.predict import Predictor
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, mnist_idx):
-    return tiny_run(tmp_path_factory, mnist_idx)
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +23,6 @@ def as_photo(digit_u8: np.ndarray, path, offset=(30, 50)) -> None:
     canvas.paste(big, offset)
     canvas.convert("RGB").save(path)
 
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_predict_reads_real_digits_from_png_files(run_dir, mnist_idx, tmp_path, capsys):
