@@ -25,8 +25,8 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_MD = ROOT / "results" / "benchmarks.md"
-RESULTS_JSONL = ROOT / "results" / "benchmarks.jsonl"
+# results/<stem>.md and .jsonl; another machine kind records apart (--results benchmarks_h100).
+RESULTS_STEM = "benchmarks"
 # XLA_FLAGS as the user gave them, before digitjax adds its defaults to os.environ.
 USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 DEVICE_COUNT_2 = "--xla_force_host_platform_device_count=2"
@@ -59,6 +59,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help=f"1-minute load average counted as idle (default {IDLE_LOAD})")
     p.add_argument("--no-record", action="store_true",
                    help="print the result only; leave results/ untouched")
+    p.add_argument("--results", default=RESULTS_STEM, metavar="STEM",
+                   help="write results/STEM.md and .jsonl (default benchmarks; e.g. "
+                   "benchmarks_h100 for figures of another machine kind)")
 
 
 def check_idle(args) -> dict:
@@ -147,11 +150,23 @@ def environment() -> dict:
         "cpu_cores": cores,
         "cpus": os.cpu_count(),
         "cpu_mhz": _cpu_mhz(),
+        "gpu": _gpu(),
         "versions": versions,
         "python": platform.python_version(),
         "xla_flags": USER_XLA_FLAGS,
         "git_commit": git_commit(),
     }
+
+
+def _gpu() -> str | None:
+    """The GPU's name and driver, when nvidia-smi answers."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else None
 
 
 def command_line() -> str:
@@ -290,7 +305,8 @@ def _section_header(title: str, env: dict, guard: dict, command: str) -> str:
         f"- Measured: {env['date']}, git {env['git_commit']}",
         f"- Machine: {status}",
         f"- Hardware: {env['cpu_model']} (family/model {env['cpu_family_model']}, "
-        f"{env['cpu_vector_isa']}), {cores}{mhz}",
+        f"{env['cpu_vector_isa']}), {cores}{mhz}"
+        + (f"; GPU {env['gpu']}" if env.get("gpu") else ""),
         f"- Versions: {versions}, Python {env['python']}",
         f"- XLA_FLAGS given: `{env['xla_flags'] or '(none)'}` (digitjax adds its CPU default "
         "unless DIGITJAX_XLA_DEFAULTS=0)",
@@ -300,16 +316,16 @@ def _section_header(title: str, env: dict, guard: dict, command: str) -> str:
     ])
 
 
-def _read_sections() -> dict[str, str]:
-    if not RESULTS_MD.exists():
+def _read_sections(results_md: Path) -> dict[str, str]:
+    if not results_md.exists():
         return {}
-    text = RESULTS_MD.read_text()
+    text = results_md.read_text()
     found = re.findall(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->\n", text, re.S)
     return dict(found)
 
 
 def record(name: str, title: str, env: dict, guard: dict, results: dict, body_md: str,
-           *, enabled: bool = True) -> dict:
+           *, enabled: bool = True, stem: str = RESULTS_STEM) -> dict:
     """Print the result, append it to results/benchmarks.jsonl and rewrite its section."""
     command = command_line()
     line = {"benchmark": name, "command": command, **guard, "environment": env,
@@ -319,18 +335,20 @@ def record(name: str, title: str, env: dict, guard: dict, results: dict, body_md
     print("\n" + section)
     if not enabled:
         return line
-    RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS_JSONL, "a") as f:
+    results_md = ROOT / "results" / f"{stem}.md"
+    results_jsonl = results_md.with_suffix(".jsonl")
+    results_md.parent.mkdir(parents=True, exist_ok=True)
+    with open(results_jsonl, "a") as f:
         f.write(json.dumps(line, sort_keys=True) + "\n")
-    sections = _read_sections()
+    sections = _read_sections(results_md)
     sections[name] = section
     parts = [MD_HEADER]
     for key in [*SECTIONS, *sorted(set(sections) - set(SECTIONS))]:
         if key in sections:
             parts.append(f"<!-- begin {key} -->\n{sections[key]}<!-- end {key} -->\n")
-    tmp = RESULTS_MD.with_suffix(".md.tmp")
+    tmp = results_md.with_suffix(".md.tmp")
     tmp.write_text("\n".join(parts))
-    os.replace(tmp, RESULTS_MD)
-    print(f"wrote {RESULTS_MD.relative_to(ROOT)} ({name}) and appended to "
-          f"{RESULTS_JSONL.relative_to(ROOT)}", file=sys.stderr)
+    os.replace(tmp, results_md)
+    print(f"wrote {results_md.relative_to(ROOT)} ({name}) and appended to "
+          f"{results_jsonl.relative_to(ROOT)}", file=sys.stderr)
     return line

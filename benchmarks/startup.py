@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     if not args.skip_install:
         results["install"] = measure_install(args)
     _common.record("startup", "5. Start-up, peak memory and install", env, guard, results,
-                   report(results, args), enabled=not args.no_record)
+                   report(results, args), enabled=not args.no_record, stem=args.results)
     ok = all(r["returncode"] == 0 for r in runs) and "error" not in results.get("install", {})
     return 0 if ok else 1
 

@@ -298,7 +298,8 @@ def main(argv=None) -> int:
                                             / ips["off", "reference"], 3),
         }
     _common.record("throughput", "1 + 4. Training throughput and share of the fp32 peak",
-                   env, guard, results, report(results, args), enabled=not args.no_record)
+                   env, guard, results, report(results, args),
+                   enabled=not args.no_record, stem=args.results)
     return 0 if all("error" not in r for r in results["modes"].values()) else 1
 
 

@@ -169,7 +169,8 @@ def main(argv=None) -> int:
     results = {"experiment": args.experiment, "overrides": args.set, "data": prep,
                "summary": summarize(runs), "runs": runs}
     _common.record("time_to_accuracy", "3. Time to 99% test accuracy (the fast recipe)", env,
-                   guard, results, report(results, args), enabled=not args.no_record)
+                   guard, results, report(results, args),
+                   enabled=not args.no_record, stem=args.results)
     return 0 if all(r["returncode"] == 0 for r in runs) else 1
 
 

@@ -11,13 +11,16 @@ import sys
 import warnings
 
 CPU_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"}
+# GPU: no nondeterministic kernels (atomics, autotuned algorithms that are), so a seed
+# gives the same numbers on every run, as on CPU. Each flag only affects its own backend.
+GPU_FLAGS = {"--xla_gpu_deterministic_ops": "true"}
 
 
 def configure_xla_flags() -> None:
     if os.environ.get("DIGITJAX_XLA_DEFAULTS", "1") == "0":
         return
     flags = os.environ.get("XLA_FLAGS", "")
-    extra = [f"{k}={v}" for k, v in CPU_FLAGS.items() if k not in flags]
+    extra = [f"{k}={v}" for k, v in {**CPU_FLAGS, **GPU_FLAGS}.items() if k not in flags]
     if "jax" in sys.modules:  # too late to change XLA's flags in this process
         if extra:
             warnings.warn("jax was imported before digitjax, so digitjax's XLA:CPU flags are "

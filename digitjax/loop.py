@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checkpoint, faults, records, steps
+from . import checkpoint, faults, records
 from .config import ConfigError
 from .train import Diverged, Trainer, chunk_sizes, crossed, param_hash
 
@@ -84,7 +84,7 @@ class TrainingLoop:
         for logger in self.loggers:
             logger.log(rows)
 
-    def _log_train(self, step: int, window: list) -> dict:
+    def log_train(self, step: int, window: list) -> dict:
         """Mean train metrics over the steps since the last log line (one host fetch)."""
         fetched = jax.device_get(window)
         loss = np.concatenate([np.atleast_1d(m["loss"]) for m in fetched])
@@ -98,7 +98,7 @@ class TrainingLoop:
         self._write_rows([row])
         return row
 
-    def _evaluate(self, state, step: int, epoch: int) -> dict:
+    def evaluate(self, state, step: int, epoch: int) -> dict:
         t0 = time.perf_counter()
         result = {"step": step, "epoch": epoch}
         rows = []
@@ -129,10 +129,10 @@ class TrainingLoop:
             out.add(step)
         return out
 
-    def _save(self, ckpts, state, step: int, window: list, *, val_accuracy=None,
-              force: bool = False) -> None:
+    def save(self, state, step: int, window: list, *, val_accuracy=None,
+             force: bool = False) -> None:
         if step != self.last_saved_step:
-            ckpts.save(state, self._meta(step, window), val_accuracy=val_accuracy, force=force)
+            self.ckpts.save(state, self._meta(step, window), val_accuracy=val_accuracy, force=force)
             self.last_saved_step = step
 
     def _meta(self, step: int, window: list) -> dict:
@@ -181,7 +181,8 @@ class TrainingLoop:
         return state, step, checkpoint.from_json_floats(meta["window"])
 
     # -- the loop --------------------------------------------------------------------------
-    def run(self, *, resume: bool = True) -> dict:
+    def open(self, *, resume: bool = True):
+        """Prepare the run folder; returns the (state, step, window) training goes on from."""
         tr = self.trainer
         cfg = tr.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,9 +190,9 @@ class TrainingLoop:
         ckpt_dir = self.run_dir / checkpoint.CHECKPOINTS
         if not resume:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-        ckpts = checkpoint.RunCheckpoints(self.run_dir, keep=cfg.checkpoint.keep,
-                                          save_steps=self.save_steps)
-        resumed = self._resume(ckpts) if resume else None
+        self.ckpts = checkpoint.RunCheckpoints(self.run_dir, keep=cfg.checkpoint.keep,
+                                               save_steps=self.save_steps)
+        resumed = self._resume(self.ckpts) if resume else None
         if resumed is None:
             self.metrics_path.unlink(missing_ok=True)
             (self.run_dir / records.SUMMARY).unlink(missing_ok=True)
@@ -203,71 +204,39 @@ class TrainingLoop:
         records.write_json(self.run_dir / records.CONFIG, config_record)
         for logger in self.loggers:
             logger.start(config_record, self.run_dir)
+        return state, step, window
+
+    def run(self, *, resume: bool = True) -> dict:
+        tr = self.trainer
+        state, step, window = self.open(resume=resume)
         keys = tr.keys(self.seed)
         compile_before = tr.compile_seconds
         tr.compile(state, keys)
-        compile_seconds = tr.compile_seconds - compile_before
-        status, error = "completed", None
-        with (self.stop or StopOnSignal()) as stop, tqdm(
-                total=tr.num_steps, initial=step, disable=not self.progress, unit="step",
-                leave=False, desc=f"{cfg.name} seed{self.seed}", dynamic_ncols=True,
-                position=self.position) as bar:
+        self.compile_seconds = tr.compile_seconds - compile_before
+        with (self.stop or StopOnSignal()) as stop, self.progress_bar(step) as bar:
             try:
-                state, step = self._train(state, step, window, keys, ckpts, bar, stop)
-            except Diverged as e:
-                status, error = "diverged", str(e)
+                state, step = train_lockstep(tr, [self], state, step, window, keys, bar, stop)
             finally:
-                ckpts.wait()
-                ckpts.close()
-        return self._finish(state, step, status, error, compile_seconds)
+                self.ckpts.wait()
+                self.ckpts.close()
+        if self.status == "diverged":
+            return self.summary
+        return self._finish(state, step, "completed", None, self.compile_seconds)
 
-    def _train(self, state, step, window, keys, ckpts, bar, stop):
+    def progress_bar(self, step: int, desc: str | None = None):
         tr = self.trainer
-        cfg = tr.config
-        ex = tr.execution
-        batch = cfg.train.batch_size
-        sizes = chunk_sizes(tr.steps_per_epoch, ex.steps_per_call)
-        first_epoch, start_offset = divmod(step, tr.steps_per_epoch)
-        start_offset *= batch
-        for epoch in range(first_epoch, cfg.train.epochs):
-            t0 = time.perf_counter()
-            perm = steps.epoch_permutation(keys["data"], epoch, tr.data.num_train)
-            offset = 0
-            for n in sizes:
-                if epoch == first_epoch and offset < start_offset:
-                    offset += n * batch  # done before the checkpoint we resumed from
-                    continue
-                state, metrics = tr.run_chunk(state, n, perm, offset, keys)
-                faults.point("chunk")
-                window.append(metrics)
-                prev, step, offset = step, step + n, offset + n * batch
-                at_epoch_end = offset == tr.steps_per_epoch * batch
-                if crossed(prev, step, ex.log_every_steps) or at_epoch_end:
-                    row = self._log_train(step, window)
-                    window = []
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.4f}")
-                bar.update(n)
-                if not at_epoch_end and step in self.save_steps:
-                    self._save(ckpts, state, step, window)
-                if stop.requested:
-                    self.train_seconds += time.perf_counter() - t0
-                    self._save(ckpts, state, step, window, force=True)
-                    ckpts.wait()
-                    raise Interrupted(step, stop.requested)
-            jax.block_until_ready(state)
-            self.train_seconds += time.perf_counter() - t0
-            last = epoch + 1 == cfg.train.epochs
-            val = None
-            if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
-                result = self._evaluate(state, step, epoch + 1)
-                val = result["val"]["accuracy"]
-                bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{val:.4f}")
-                faults.point("eval")
-            self._save(ckpts, state, step, window, val_accuracy=val)
-            if stop.requested:
-                ckpts.wait()
-                raise Interrupted(step, stop.requested)
-        return state, step
+        return tqdm(total=tr.num_steps, initial=step, disable=not self.progress, unit="step",
+                    leave=False, desc=desc or f"{tr.config.name} seed{self.seed}",
+                    dynamic_ncols=True, position=self.position)
+
+    status = "running"
+    summary: dict | None = None
+    compile_seconds = 0.0
+
+    def diverged(self, state, step: int, error: Diverged) -> None:
+        """Stop this seed: the summary says so; checkpoints before the step are kept."""
+        self.status = "diverged"
+        self.summary = self._finish(state, step, "diverged", str(error), self.compile_seconds)
 
     def _finish(self, state, step: int, status: str, error: str | None,
                 compile_seconds: float) -> dict:
@@ -329,6 +298,84 @@ class TrainingLoop:
         except Exception as e:  # a plot must never cost a finished run
             print(f"digitjax: warning: plots of {self.run_dir} failed: {e}", file=sys.stderr)
             return {}
+
+
+def train_lockstep(tr: Trainer, members: list[TrainingLoop], state, step: int, window: list,
+                   keys: dict, bar, stop, take=None):
+    """The epochs and chunks of one seed, or of a seed group trained by one vmapped program.
+
+    `state`, `keys` and each chunk's metrics hold every member's part; `take(tree, i, axis)`
+    gives member i's part (None: a single member, whose part is the whole). Each member
+    keeps its own records, cadences and checkpoints; the host fetches every member's
+    metrics at once, at the log cadence only. Returns the final state and step.
+    """
+    cfg, ex = tr.config, tr.execution
+    take = take or (lambda tree, i, axis=0: tree)
+    batch = cfg.train.batch_size
+    sizes = chunk_sizes(tr.steps_per_epoch, ex.steps_per_call)
+    first_epoch, start_offset = divmod(step, tr.steps_per_epoch)
+    start_offset *= batch
+    live = list(range(len(members)))
+
+    def windows() -> dict[int, list]:  # one host fetch for every member's pending metrics
+        fetched = jax.device_get(window)
+        return {i: [take(m, i, 1) for m in fetched] for i in live}
+
+    def save_all(*, force: bool = False) -> None:
+        for i, w in windows().items():
+            members[i].save(take(state, i), step, w, force=force)
+
+    for epoch in range(first_epoch, cfg.train.epochs):
+        t0 = time.perf_counter()
+        perm = tr.permutation(keys, epoch)
+        offset = 0
+        for n in sizes:
+            if epoch == first_epoch and offset < start_offset:
+                offset += n * batch  # done before the checkpoint we resumed from
+                continue
+            state, metrics = tr.run_chunk(state, n, perm, offset, keys)
+            faults.point("chunk")
+            window.append(metrics)
+            prev, step, offset = step, step + n, offset + n * batch
+            at_epoch_end = offset == tr.steps_per_epoch * batch
+            if crossed(prev, step, ex.log_every_steps) or at_epoch_end:
+                for i, w in windows().items():
+                    try:
+                        row = members[i].log_train(step, w)
+                    except Diverged as e:
+                        members[i].diverged(take(state, i), step, e)
+                        live.remove(i)
+                window = []
+                if not live:
+                    return state, step
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.4f}")
+            bar.update(n)
+            if not at_epoch_end and step in members[0].save_steps:
+                save_all()
+            if stop.requested:
+                for i in live:
+                    members[i].train_seconds += time.perf_counter() - t0
+                save_all(force=True)
+                for i in live:
+                    members[i].ckpts.wait()
+                raise Interrupted(step, stop.requested)
+        jax.block_until_ready(state)
+        for i in live:
+            members[i].train_seconds += time.perf_counter() - t0
+        last = epoch + 1 == cfg.train.epochs
+        for i in live:
+            member, val = members[i], None
+            if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
+                result = member.evaluate(take(state, i), step, epoch + 1)
+                val = result["val"]["accuracy"]
+                bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{val:.4f}")
+                faults.point("eval")
+            member.save(take(state, i), step, [], val_accuracy=val)
+        if stop.requested:
+            for i in live:
+                members[i].ckpts.wait()
+            raise Interrupted(step, stop.requested)
+    return state, step
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -133,7 +133,9 @@ def collect(study_name: str, workdir=None) -> tuple[list[Row], dict]:
             if (run_dir / records.SUMMARY).exists():
                 summaries.append(records.read_json(run_dir / records.SUMMARY))
                 if not env:
-                    env = records.read_json(run_dir / records.CONFIG).get("environment", {})
+                    record = records.read_json(run_dir / records.CONFIG)
+                    env = {**record.get("environment", {}), "seeds_per_program":
+                           record.get("execution", {}).get("seeds_per_program", 1)}
         done = [s for s in summaries if s.get("status") == "completed"]
         test = [100 * s["test_accuracy"] for s in done]
         m, sd = mean_std(test)
@@ -172,7 +174,8 @@ def _f(x, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def render(study_name: str, rows: list[Row], env: dict) -> tuple[str, str]:
+def render(study_name: str, rows: list[Row], env: dict, workdir: Path | None = None
+           ) -> tuple[str, str]:
     """(markdown, csv) of a study; deterministic given the records."""
     study = registry.get_study(study_name)
     lines = [f"# Study `{study_name}`", "", study.description, "",
@@ -189,11 +192,17 @@ def render(study_name: str, rows: list[Row], env: dict) -> tuple[str, str]:
             f"{_f(r.val_mean, '.2f')} | {_f(r.num_params, ',')} | {_f(r.mflops, '.2f')} | "
             f"{r.epochs} | {_f(r.train_seconds, '.1f')} | {_f(r.images_per_second, ',.0f')} |")
     versions = env.get("versions", {})
+    where = f" --workdir {workdir.as_posix()}" if workdir else ""
+    k = env.get("seeds_per_program", 1)
+    group = (f" Seeds ran {k} at a time in one vmapped program: train s is the group's "
+             "time, images/s per seed." if k > 1 else "")
     lines += ["", "Test accuracy is that of each run's checkpoint chosen on validation "
               "(a split carved from the training set, `data.val_split`); diverged runs are "
               "counted apart, never averaged in. Train seconds and images/s are per seed "
-              "(training loop only).", "",
-              f"- Reproduce: `digitjax sweep {study_name}` then `digitjax table {study_name}`",
+              f"(training loop only).{group}", "",
+              *_selected(rows),
+              f"- Reproduce: `digitjax sweep {study_name}{where}` then "
+              f"`digitjax table {study_name}{where}`",
               f"- Hardware: {env.get('cpu_model', '?')} ({env.get('cpu_count', '?')} cores); "
               f"backend {env.get('backend', '?')} ({env.get('device_kind', '?')}, "
               f"{env.get('device_count', '?')} device(s))",
@@ -210,11 +219,18 @@ def render(study_name: str, rows: list[Row], env: dict) -> tuple[str, str]:
 
 
 def table(study_name: str, *, workdir=None, out_dir=RESULTS, check=False) -> list[str]:
-    """Write results/<study>.md and .csv; with check, compare instead (returns differences)."""
+    """Write results/<name>.md and .csv; with check, compare instead (returns differences).
+
+    <name> is the study's, or the workdir's folder name when one is given (e.g. the same
+    study run on a GPU into results/runs/best_h100 gives results/best_h100.md).
+    """
     rows, env = collect(study_name, workdir)
-    md, csv_text = render(study_name, rows, env)
+    stem = Path(workdir).name if workdir else study_name
+    # Shown as the conventional results/runs/<name>, wherever the records were read from.
+    shown = default_workdir(stem) if stem != study_name else None
+    md, csv_text = render(study_name, rows, env, shown)
     out_dir = Path(out_dir)
-    targets = {out_dir / f"{study_name}.md": md, out_dir / f"{study_name}.csv": csv_text}
+    targets = {out_dir / f"{stem}.md": md, out_dir / f"{stem}.csv": csv_text}
     if check:
         return [str(p) for p, text in targets.items()
                 if not p.exists() or p.read_text() != text]
@@ -222,6 +238,16 @@ def table(study_name: str, *, workdir=None, out_dir=RESULTS, check=False) -> lis
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return [str(p) for p in targets]
+
+
+def _selected(rows: list[Row]) -> list[str]:
+    """The experiment a reader would pick: the best mean validation accuracy (never test)."""
+    done = [r for r in rows if r.completed]
+    if len(done) < 2:
+        return []
+    best = max(done, key=lambda r: r.val_mean)
+    return [f"- Selected on validation: `{best.experiment}` (mean val {best.val_mean:.2f}%, "
+            f"test {best.test_mean:.2f} +- {best.test_std:.2f}%)"]
 
 
 def wandb_sweep_config(study_name: str) -> str:

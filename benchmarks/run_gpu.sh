@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU figures, in one go (~8 min on an H100): benchmarks into results/benchmarks_KIND.md
+# and .jsonl, and the `best` study into results/runs/best_KIND + results/best_KIND.md.
+#
+#   bash benchmarks/run_gpu.sh h100 [SECONDS]   # SECONDS: wall budget (default 480); the
+#                                              # study gets what is left and resumes later
+# Everything here also runs on CPU, far slower. Benchmarks run with --force: a GPU
+# machine's load average says nothing about its GPU.
+set -u
+kind=${1:?usage: run_gpu.sh KIND [SECONDS]}
+budget=${2:-480}
+py=${PYTHON:-python3}
+start=$SECONDS
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+
+step() { echo "=== $* ($((SECONDS - start)) s)"; }
+
+step environment
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+$py -c "import digitjax, jax, flax, optax, orbax.checkpoint as ocp; \
+print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, \
+'devices', jax.devices())"
+
+step "time to accuracy: fast, 5 seeds, one process each"
+$py benchmarks/time_to_accuracy.py --results "benchmarks_$kind" --force --timeout 120
+
+step "5 seeds of fast in one vmapped program, twice (the same numbers both times?)"
+for w in a b; do
+  $py -m digitjax run fast --seeds 0-4 --parallel vmap --no-progress --no-plots \
+    --wandb off --workdir "/tmp/digitjax_fast_$w" | tail -2
+done
+$py - <<'EOF'
+import json, pathlib
+h = [{p.parent.name: json.loads(p.read_text())["final_param_hash"]
+      for p in sorted(pathlib.Path(f"/tmp/digitjax_fast_{w}").glob("*/seed*/summary.json"))}
+     for w in "ab"]
+print("deterministic across two runs:", h[0] == h[1] and len(h[0]) == 5, h[0])
+EOF
+
+step "throughput vs the Flax example's loop"
+$py benchmarks/throughput.py --flag on --steps 1000 --warmup 200 --rounds 3 \
+  --peak-gflops "${PEAK_GFLOPS:-67000}" --results "benchmarks_$kind" --force --timeout 300
+
+step "5 seeds: one after another vs one vmapped program"
+$py benchmarks/seeds.py --modes sequential,vmap --results "benchmarks_$kind" --force \
+  --timeout 300
+
+left=$((budget - (SECONDS - start) - 20))
+step "the best study, ${left} s budget (resumable)"
+if [ "$left" -gt 60 ]; then
+  timeout --signal=TERM "$left" $py -m digitjax sweep best --parallel vmap --no-progress \
+    --no-plots --wandb off --workdir "results/runs/best_$kind"
+fi
+$py -m digitjax table best --workdir "results/runs/best_$kind"
+step done
