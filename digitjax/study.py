@@ -221,11 +221,12 @@ def render(study_name: str, rows: list[Row], env: dict, workdir: Path | None = N
 def table(study_name: str, *, workdir=None, out_dir=RESULTS, check=False) -> list[str]:
     """Write results/<name>.md and .csv; with check, compare instead (returns differences).
 
-    <name> is the study's, or the workdir's folder name when one is given (e.g. the same
-    study run on a GPU into results/runs/best_h100 gives results/best_h100.md).
+    <name> is the study's, or the workdir's folder name when that is `<study>_<suffix>`:
+    the same study run on a GPU into results/runs/best_h100 gives results/best_h100.md.
     """
     rows, env = collect(study_name, workdir)
-    stem = Path(workdir).name if workdir else study_name
+    name = Path(workdir).name if workdir else ""
+    stem = name if name.startswith(f"{study_name}_") else study_name
     # Shown as the conventional results/runs/<name>, wherever the records were read from.
     shown = default_workdir(stem) if stem != study_name else None
     md, csv_text = render(study_name, rows, env, shown)
