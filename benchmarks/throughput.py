@@ -240,8 +240,10 @@ def report(results: dict, args) -> str:
             f"FLOPs: {any_run['forward_flops_per_image'] / 1e6:.2f} MFLOP forward per image "
             "(`models.forward_flops`: 2 x multiply-adds of convs and matmuls) x 3 for "
             f"forward + backward = {any_run['train_flops_per_image'] / 1e6:.1f} MFLOP per "
-            f"training image; peak {args.peak_gflops} GFLOP/s fp32 (2 cores x 2 FMA x 8 "
-            "lanes x 2 x 2.445 GHz)." + clock_note(results["cpu_mhz"], args.peak_gflops))
+            f"training image; peak {args.peak_gflops} GFLOP/s fp32"
+            + (" (2 cores x 2 FMA x 8 lanes x 2 x 2.445 GHz)."
+               + clock_note(results["cpu_mhz"], args.peak_gflops)
+               if args.peak_gflops == _common.CPU_PEAK_GFLOPS else " (given with --peak-gflops)."))
     x = results.get("across_processes")
     if x:
         lines += ["", "Across the two processes (one after the other, not interleaved): "
