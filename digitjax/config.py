@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,6 +96,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
+# How seeds share the hardware (an execution choice, not part of a config): see runner.
+PARALLEL_MODES = ("auto", "off", "devices", "vmap")
+
 # Keys that name a run rather than change what it computes.
 _NON_NUMERIC_KEYS = ("name", "description", "seeds")
 
@@ -162,7 +166,11 @@ def parse_value(key: str, text: str, typ) -> object:
         if typ is int:
             return int(text)
         if typ is float:
-            return float(text)
+            value = float(text)
+            # nan passes no range check (every comparison is False) and inf passes "> 0".
+            if not math.isfinite(value):
+                raise ValueError
+            return value
         if typing.get_origin(typ) is tuple:
             return parse_seeds(text)
         if typ is str:
@@ -170,6 +178,8 @@ def parse_value(key: str, text: str, typ) -> object:
     except ValueError:
         pass
     name = getattr(typ, "__name__", str(typ))
+    if typ is float:
+        name = "a finite float"
     if isinstance(typ, types.GenericAlias):
         name = "list of integers like 0,1,2 or 0-4"
     raise ConfigError(f"{key}={text!r}: expected {name}")
@@ -189,9 +199,12 @@ def parse_seeds(text: str) -> tuple[int, ...]:
             seeds.extend(range(lo_i, hi_i + 1))
         else:
             seeds.append(int(part))
-    if not seeds or any(s < 0 for s in seeds):
+    if not seeds or any(s < 0 for s in seeds) or len(seeds) > MAX_SEEDS:
         raise ValueError(text)
     return tuple(dict.fromkeys(seeds))
+
+
+MAX_SEEDS = 1000  # more is a typo (e.g. 0-100000000), not a study
 
 
 def closest(name: str, options) -> str:
@@ -257,6 +270,7 @@ def check_values(config: Config) -> None:
         (config.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
         (config.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         (len(config.seeds) >= 1, "seeds must list at least one seed"),
+        (all(s >= 0 for s in config.seeds), "seeds must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

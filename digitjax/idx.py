@@ -9,6 +9,7 @@ MNIST-style datasets use ndim 3 for images (magic 0x00000803) and ndim 1 for lab
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -72,7 +73,9 @@ def read_idx(path: str | os.PathLike, *, magic: int | None = None) -> np.ndarray
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     if any(d < 0 for d in dims):
         raise DataError(f"{path}: negative dimension in {dims}")
-    expected = int(np.prod(dims, dtype=np.int64))
+    # Exact integers: an int64 product of corrupt dimensions can wrap around to the
+    # file's size (e.g. 65536**4 == 0), and the reshape below would then fail.
+    expected = math.prod(dims)
     found_size = len(raw) - header_size
     if found_size < expected:
         raise DataError(
@@ -82,7 +85,10 @@ def read_idx(path: str | os.PathLike, *, magic: int | None = None) -> np.ndarray
         raise DataError(
             f"{path}: {found_size - expected} unexpected trailing bytes after shape {dims}"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(dims)
+    try:
+        return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(dims)
+    except ValueError:  # numpy refuses e.g. (0, 2**31 - 1, 2**31 - 1, 2**31 - 1)
+        raise DataError(f"{path}: impossible shape {dims}") from None
 
 
 def read_idx_pair(

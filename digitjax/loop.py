@@ -104,6 +104,8 @@ class TrainingLoop:
         rows = []
         for split in ("val", "test"):
             m = self.trainer.evaluate(state, split)
+            if not math.isfinite(m["loss"]):  # training may look fine while this is inf
+                raise Diverged(f"{split} loss became {m['loss']} at step {step}")
             result[split] = m
             rows.append(self._row(step, epoch, split, {"loss": m["loss"],
                                                         "accuracy": m["accuracy"]}))
@@ -366,11 +368,18 @@ def train_lockstep(tr: Trainer, members: list[TrainingLoop], state, step: int, w
         for i in live:
             member, val = members[i], None
             if (epoch + 1) % cfg.train.eval_every_epochs == 0 or last:
-                result = member.evaluate(take(state, i), step, epoch + 1)
+                try:
+                    result = member.evaluate(take(state, i), step, epoch + 1)
+                except Diverged as e:
+                    member.diverged(take(state, i), step, e)
+                    continue
                 val = result["val"]["accuracy"]
                 bar.set_postfix(loss=f"{row['loss']:.4f}", val=f"{val:.4f}")
                 faults.point("eval")
             member.save(take(state, i), step, [], val_accuracy=val)
+        live = [i for i in live if members[i].status != "diverged"]
+        if not live:
+            return state, step
         if stop.requested:
             for i in live:
                 members[i].ckpts.wait()

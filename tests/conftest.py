@@ -75,3 +75,56 @@ def run_dir(tmp_path_factory, mnist_idx):
     from _tiny_run import tiny_run
 
     return tiny_run(tmp_path_factory, mnist_idx)
+
+
+# -- fault tests (tests/test_faults.py, tests/test_checkpoint.py) -------------------------
+
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true",
+                     help="also run the fault soak: 20+ SIGKILLs at seeded random moments")
+    parser.addoption("--fault-seed", type=int, default=20261127,
+                     help="seed of the soak's random kill moments (replays a soak)")
+
+
+@pytest.fixture(scope="session")
+def soak(request) -> None:
+    """Skips the test unless `pytest --soak`; ask for it first, before costly fixtures."""
+    if not request.config.getoption("--soak"):
+        pytest.skip("soak test: run with --soak")
+
+
+@pytest.fixture(scope="session")
+def fault_seed(request) -> int:
+    """The seed the random kill moments are drawn from (printed in the summary)."""
+    import _faults
+
+    _faults.FAULT_SEED["seed"] = request.config.getoption("--fault-seed")
+    return _faults.FAULT_SEED["seed"]
+
+
+@pytest.fixture(scope="session")
+def cli_env(prepared_mnist, tmp_path_factory) -> dict:
+    """Environment of `digitjax` subprocesses: the session's data, a shared compile cache."""
+    return {**os.environ, "TFDS_DATA_DIR": str(prepared_mnist),
+            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
+
+
+@pytest.fixture(scope="session")
+def small_run_reference(cli_env, tmp_path_factory):
+    """Final records of the uninterrupted SMALL run (tests/_faults.py), as a user runs it."""
+    import _faults
+
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    code, _, err = _faults.finish(_faults.start(workdir, cli_env))
+    assert code == 0, err
+    return _faults.final_records(_faults.run_dir_of(workdir))
+
+
+def pytest_terminal_summary(terminalreporter):
+    import _faults
+
+    lines = _faults.summary_lines()
+    if lines:
+        terminalreporter.section("fault suite")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -1,103 +1,49 @@
 """Checkpoints: kill a real run anywhere, resume, and get the uninterrupted run's records."""
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
+from _faults import (
+    SMALL,
+    check_final_records,
+    finish,
+    kill_after,
+    run_dir_of,
+    start,
+    strip,
+)
 
 from digitjax import checkpoint, data_device, records, registry, runner
 from digitjax.config import ConfigError
 from digitjax.train import Trainer
 
-TIMING = {"time", "train_seconds", "compile_seconds", "eval_seconds", "total_seconds",
-          "images_per_second"}
-# A small real run: 2,048 training images, batch 64 -> 32 steps per epoch, 2 epochs, a
-# compiled call of 4 steps, a log line every 8 steps and a checkpoint every 8 steps.
-SMALL = ["data.train_split=train[:2048]", "data.val_split=train[55000:56000]",
-         "data.test_split=test[:1000]", "train.batch_size=64", "train.epochs=2",
-         "train.steps_per_call=4", "train.log_every_steps=8", "checkpoint.every_steps=8",
-         "checkpoint.keep=1"]
-
-
-def strip(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in TIMING}
-
-
-def final_records(run_dir):
-    summary = strip(records.read_json(run_dir / records.SUMMARY))
-    rows = [strip(r) for r in records.read_metrics(run_dir / records.METRICS)]
-    return summary, rows
-
-
-@pytest.fixture(scope="module")
-def cli_env(prepared_mnist, tmp_path_factory):
-    return {**os.environ, "TFDS_DATA_DIR": str(prepared_mnist),
-            "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
-
-
-def start(workdir, env, fault=None):
-    argv = [sys.executable, "-m", "digitjax", "run", "quick", "--seed", "0", "--no-progress",
-            "--workdir", str(workdir)] + [a for s in SMALL for a in ("--set", s)]
-    env = {k: v for k, v in env.items() if k != "DIGITJAX_FAULT"}
-    if fault:
-        env["DIGITJAX_FAULT"] = fault
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def finish(proc, timeout=300):
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
-
-def run_dir_of(workdir):
-    (folder,) = [p for p in workdir.iterdir() if p.name.startswith("quick+")]
-    return folder / "seed0"
-
-
-@pytest.fixture(scope="module")
-def reference(cli_env, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    code, out, err = finish(start(workdir, cli_env))
-    assert code == 0, err
-    return final_records(run_dir_of(workdir))
-
 
 @pytest.mark.parametrize("fault", ["kill@chunk:6", "kill@save:2", "kill@eval:1",
                                    "kill@chunk:13"])
 def test_kill_at_a_named_point_then_resume_gives_the_same_final_records(
-        fault, cli_env, reference, tmp_path):
+        fault, cli_env, small_run_reference, tmp_path):
     code, _, err = finish(start(tmp_path, cli_env, fault))
     assert code == -signal.SIGKILL, err
     run_dir = run_dir_of(tmp_path)
     assert not (run_dir / records.SUMMARY).exists()
     code, out, err = finish(start(tmp_path, cli_env))
     assert code == 0, err
-    assert final_records(run_dir) == reference
+    check_final_records(run_dir, small_run_reference)
     assert not list((run_dir / checkpoint.CHECKPOINTS).glob("*tmp*"))
 
 
-def test_kills_at_seeded_random_moments_then_resume(cli_env, reference, tmp_path):
+def test_kills_at_seeded_random_moments_then_resume(cli_env, small_run_reference, tmp_path):
     rng = random.Random(1234)  # replayable: the same seed draws the same kill delays
-    kills = 0
     for _ in range(2):
-        proc = start(tmp_path, cli_env)
-        time.sleep(rng.uniform(4.0, 9.0))
-        if proc.poll() is None:
-            proc.kill()
-            kills += 1
-        proc.communicate(timeout=300)
+        kill_after(start(tmp_path, cli_env), rng.uniform(4.0, 9.0), tmp_path)
     code, _, err = finish(start(tmp_path, cli_env))
     assert code == 0, err
-    assert final_records(run_dir_of(tmp_path)) == reference
-    print(f"random kills tried: {kills}")
+    check_final_records(run_dir_of(tmp_path), small_run_reference)
 
 
-def test_sigint_saves_a_checkpoint_exits_and_resumes(cli_env, reference, tmp_path):
+def test_sigint_saves_a_checkpoint_exits_and_resumes(cli_env, small_run_reference, tmp_path):
     proc = start(tmp_path, cli_env)
     deadline = time.time() + 120
     metrics = None
@@ -116,7 +62,7 @@ def test_sigint_saves_a_checkpoint_exits_and_resumes(cli_env, reference, tmp_pat
     assert checkpoint.RunCheckpoints(run_dir, keep=1, read_only=True).latest_step()
     code, out, err = finish(start(tmp_path, cli_env))
     assert code == 0 and "resuming" in out, err
-    assert final_records(run_dir) == reference
+    check_final_records(run_dir, small_run_reference)
 
 
 # -- in-process checks on a small real slice of MNIST -----------------------------------
