@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
@@ -26,6 +27,9 @@ absl_logging.set_verbosity(absl_logging.ERROR)
 
 CHECKPOINTS = "checkpoints"
 FORMAT = 1
+
+
+_copy_tree = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 def _rank(metrics: dict) -> tuple[float, int]:
@@ -73,7 +77,9 @@ class RunCheckpoints:
         """Start an async save at `meta["step"]`; training goes on while it writes."""
         step = int(meta["step"])
         # A private copy: the next compiled call donates (reuses) the live state's buffers.
-        state = jax.tree.map(lambda x: x.copy(), state)
+        # One program for the whole state: a copy per leaf queues dozens of programs, more
+        # than a data-parallel run may have in flight on CPU (see train.py).
+        state = _copy_tree(state)
         metrics = None if val_accuracy is None else {"val_accuracy": val_accuracy,
                                                        "step": step}
         saved = self.manager.save(
@@ -85,6 +91,12 @@ class RunCheckpoints:
         return saved
 
     def restore(self, step: int, abstract_state):
+        # Leaves that name no sharding restore onto this process's first device, whatever
+        # topology saved them: a data-parallel run's checkpoint opens on one device too.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract_state = jax.tree.map(
+            lambda a: a if a.sharding is not None else
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .config import PARALLEL_MODES
+
 EPILOG_RUN = """examples:
   digitjax run                                 # the default experiment (quick)
   digitjax run flax_cnn --seeds 0-2
@@ -50,9 +52,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-plots", action="store_true",
                      help="do not write the run's plots (<run_dir>/plots/*.png) at the end")
-    run.add_argument("--parallel", choices=("auto", "off"), default="auto",
-                     help="auto: train seeds side by side, one per local device (on CPU one "
-                     "per core), when there are several; off: one after another")
+    run.add_argument("--parallel", choices=PARALLEL_MODES, default="auto",
+                     help="how seeds share the hardware. vmap: all seeds in one vmapped "
+                     "program; devices: one seed per local device; off: one after another; "
+                     "auto (default): vmap on GPU/TPU, devices on CPU when there are several")
+    run.add_argument("--data-parallel", default="auto", metavar="auto|off|N",
+                     help="split each step's batch over devices, the state replicated (seeds "
+                     "then train one after another). auto (default): every device on GPU/TPU "
+                     "or across processes, off on CPU; N: N devices (on CPU, N host devices "
+                     "sharing the cores)")
+    run.add_argument("--distributed", action="store_true",
+                     help="one process of a multi-process run (jax.distributed): from "
+                     "$DIGITJAX_COORDINATOR=host:port, $DIGITJAX_NUM_PROCESSES and "
+                     "$DIGITJAX_PROCESS_ID, or a cluster JAX detects (Slurm, Open MPI, TPU); "
+                     "only process 0 writes the run records")
     run.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto",
                      help="Weights & Biases logging (default auto: online when logged in and "
                      "the server answers, else offline under the run folder; follows "
@@ -83,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto")
     sw.add_argument("--no-progress", action="store_true")
     sw.add_argument("--no-plots", action="store_true", help="do not write each run's plots")
-    sw.add_argument("--parallel", choices=("auto", "off"), default="auto")
+    sw.add_argument("--parallel", choices=PARALLEL_MODES, default="auto")
     _data_args(sw)
 
     en = sub.add_parser("ensemble", help="test accuracy of an experiment's seeds' averaged "
@@ -221,9 +234,15 @@ def cmd_show(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import registry, runner, wandb_log
+    from . import distributed, registry, runner, wandb_log
     from .config import ConfigError, parse_override, parse_seeds
 
+    # Both must happen before anything starts a jax backend.
+    data_parallel = distributed.parse_choice(args.data_parallel)
+    if isinstance(data_parallel, int) and not args.distributed:
+        distributed.cpu_devices(data_parallel)
+    if args.distributed:
+        distributed.initialize()
     name = args.name or args.experiment or registry.default_name()
     seeds = None
     try:
@@ -239,7 +258,7 @@ def cmd_run(args) -> int:
         config, overrides=overrides, workdir=args.workdir, fresh=args.fresh,
         progress=not args.no_progress, data_dir=args.data_dir, idx_dir=args.data_idx,
         download=args.download, make_loggers=wandb_log.make_loggers(args.wandb),
-        parallel=args.parallel, plots=not args.no_plots)
+        parallel=args.parallel, plots=not args.no_plots, data_parallel=data_parallel)
     return 0 if all(s.get("status") == "completed" for s in summaries) else 1
 
 
@@ -391,6 +410,21 @@ COMMANDS = {"list": cmd_list, "show": cmd_show, "run": cmd_run, "eval": cmd_eval
             "compare": cmd_compare, "predict": cmd_predict, "kaggle": cmd_kaggle, "plot": cmd_plot}
 
 
+def _storage_error(e: BaseException) -> str | None:
+    """One line for a failed read or write (full disk, I/O error), else None.
+
+    Orbax writes arrays through TensorStore, which reports a full disk as a ValueError
+    carrying the OS error code, so the message is checked too.
+    """
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, OSError):
+            where = f"{err.filename}: " if err.filename else ""
+            return f"{where}{err.strerror or err}"
+        if err is not None and "[os_error_code=" in str(err):
+            return " ".join(str(err).split())
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .config import ConfigError
@@ -403,9 +437,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, UsageError, RunLocked) as e:
         print(f"digitjax: error: {e}", file=sys.stderr)
         return 2
+    except json.JSONDecodeError as e:  # a run record edited or damaged by hand
+        print(f"digitjax: error: a JSON record is not valid JSON ({e})", file=sys.stderr)
+        return 2
     except (KeyboardInterrupt, Interrupted):
         print("digitjax: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        message = _storage_error(e)
+        if message is None:
+            raise
+        # Records are written atomically and checkpoints commit by rename, so what was
+        # written before is intact and rerunning `run` or `sweep` resumes from it.
+        print(f"digitjax: error: {message} (files written before this are intact)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -32,6 +32,21 @@ class DeviceData:
                                    train_labels=jax.device_put(self.train_labels, device),
                                    evals=jax.device_put(self.evals, device))
 
+    def replicate(self, sharding) -> DeviceData:
+        """A whole copy on every device of a replicated `sharding` (data parallel).
+
+        Each device then gathers its share of a batch locally. Built from this process's
+        host copy, so it also works when the sharding spans processes (each loaded the same
+        data set).
+        """
+        def put(x):
+            host = np.asarray(x)
+            return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+        return dataclasses.replace(self, train_images=put(self.train_images),
+                                   train_labels=put(self.train_labels),
+                                   evals=jax.tree.map(put, self.evals))
+
 
 def pad_for_eval(images: np.ndarray, labels: np.ndarray, batch: int):
     """Pad to a multiple of the eval batch so one compiled program covers the split."""

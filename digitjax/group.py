@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import steps
+from . import records, steps
 from .loop import StopOnSignal, TrainingLoop, train_lockstep
 from .train import Trainer, chunk_sizes
 
@@ -98,6 +98,9 @@ def _fit_lockstep(g: GroupTrainer, members: list[TrainingLoop], opened: list, st
         g = GroupTrainer.of(g, len(members))
         for m in members:
             m.trainer = g
+            path = m.run_dir / records.CONFIG  # written by open() for the whole group
+            records.write_json(path, {**records.read_json(path),
+                                      "execution": dataclasses.asdict(g.execution)})
     state = stack([s for s, _, _ in opened])
     # Pending (not yet logged) train metrics of each member, restored with its checkpoint.
     window = [jax.tree.map(lambda *xs: np.stack(xs, axis=1), *chunks)

@@ -4,6 +4,9 @@
 gets `<experiment>+<hash of the overrides>/seed<k>` so it never mixes with the registered
 runs. Whole-file writes are atomic (temp file + rename), so a kill or a full disk leaves
 the previous version intact.
+
+In a multi-process run (distributed.py) every process trains the same run, and only process
+0 writes these files and holds the run lock: on the others the writers here do nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import subprocess
 import tempfile
 from importlib import metadata
 from pathlib import Path
+
+from .distributed import is_primary
 
 DEFAULT_WORKDIR = "runs"
 CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
@@ -45,6 +50,8 @@ def run_dir(workdir: Path | str, experiment: str, seed: int, overrides: dict[str
 
 def write_json(path: Path, data) -> None:
     """Write JSON atomically: readers see the old file or the new one, never half."""
+    if not is_primary():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -63,15 +70,19 @@ def write_json(path: Path, data) -> None:
 
 def read_json(path: Path):
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:  # name the damaged file in the one-line error
+            raise json.JSONDecodeError(f"{path}: {e.msg}", e.doc, e.pos) from None
 
 
 def append_metrics(path: Path, rows: list[dict]) -> None:
-    if not rows:
+    if not rows or not is_primary():
         return
     with open(path, "a") as f:
         for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+            # Strict JSON: a NaN/inf stops the run as diverged before it gets here.
+            f.write(json.dumps(row, sort_keys=True, allow_nan=False) + "\n")
         f.flush()
 
 
@@ -89,12 +100,18 @@ def read_metrics(path: Path) -> list[dict]:
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep only rows up to `last_step`, so a resumed run never doubles a line."""
+    if not is_primary():
+        return
     rows = [r for r in read_metrics(path) if r["step"] <= last_step]
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
     fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def git_commit() -> str | None:
@@ -157,8 +174,11 @@ def run_lock(run_dir: Path):
     """Hold `<run_dir>/.lock` while training: a second process on the folder is refused.
 
     An flock, so the kernel releases it when the holder dies (even by SIGKILL): a killed
-    run never leaves the folder locked.
+    run never leaves the folder locked. Held by process 0 alone in a multi-process run.
     """
+    if not is_primary():
+        yield
+        return
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)

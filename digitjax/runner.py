@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import tempfile
 import threading
 from pathlib import Path
 
 from . import records
-from .config import Config, ConfigError, config_hash
+from .config import PARALLEL_MODES, Config, ConfigError, config_hash
 from .loop import Interrupted, StopOnSignal, mean_std
 
 
@@ -56,8 +57,12 @@ def check_run_dir(run_dir: Path, config: Config) -> str:
         raise ConfigError(f"{run_dir} holds a run of another config (hash {recorded}, this one "
                           f"is {config_hash(config)}); use another --workdir")
     summary = run_dir / records.SUMMARY
-    if summary.exists() and records.read_json(summary).get("status") in FINAL_STATUSES:
-        return "finished"
+    if summary.exists():
+        s = records.read_json(summary)
+        if not isinstance(s, dict):
+            raise ConfigError(f"{summary}: not a run summary (edit or delete it)")
+        if s.get("status") in FINAL_STATUSES:
+            return "finished"
     return "unfinished"
 
 
@@ -77,12 +82,15 @@ def format_summary(s: dict, run_dir: Path) -> str:
 def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, fresh=False,
                    progress=True, data_dir=None, idx_dir=None, download=False,
                    echo=print, make_loggers=None, parallel: str = "auto",
-                   plots: bool = True, skip_locked: bool = False) -> list[dict]:
+                   plots: bool = True, skip_locked: bool = False,
+                   data_parallel: str | int = "off") -> list[dict]:
     """Train every seed of `config`; returns their summaries (finished runs are kept).
 
     `make_loggers(seed, run_dir)` returns the mirrors (e.g. W&B) of one seed's records.
     `parallel`: "auto" trains seeds side by side, one per local device, when there are
     several devices and seeds; "off" trains them one after another.
+    `data_parallel` ("off", "auto" or a device count, see distributed.py) splits each step's
+    batch over devices; its seeds then train one after another.
     """
     from . import data_device
     from .train import Trainer
@@ -114,7 +122,8 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
     if todo:
         _check_writable(workdir)
         trainer = Trainer(config, data_device.load(config, data_dir=data_dir, idx_dir=idx_dir,
-                                                   download=download))
+                                                   download=download),
+                          data_parallel=data_parallel)
         lock = threading.Lock()
 
         def train_one(tr, seed, run_dir, state, stop, position):
@@ -141,16 +150,24 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
                 echo(f"{config.name} seed{seed}: skipped, {e}")
                 return
             except Interrupted as e:
-                sets = "".join(f" --set {k}={v}" for k, v in overrides.items())
-                echo(f"{config.name} seed{seed}: {e}; checkpoint saved in {run_dir}. Resume "
-                     f"with: digitjax run {config.name} --seed {seed}{sets} --workdir {workdir}")
+                echo(_resume_hint(config, seed, run_dir, e, overrides, workdir))
                 raise
             with lock:
                 summaries[seed] = summary
                 echo(format_summary(summary, run_dir))
 
-        devices = _parallel_devices(parallel, len(todo))
-        if devices:
+        mode, devices = _parallel_mode(parallel, len(todo))
+        if trainer.mesh is not None:  # data parallel: every device trains each seed
+            mode = "off"
+        if mode == "vmap":
+            def echo_summary(summary, run_dir):
+                summaries[summary["seed"]] = summary
+                echo(format_summary(summary, run_dir))
+
+            _run_group(trainer, config, todo, fresh=fresh, skip_locked=skip_locked,
+                       make_loggers=make_loggers, echo=echo, echo_summary=echo_summary,
+                       progress=progress, overrides=overrides, workdir=workdir, plots=plots)
+        elif mode == "devices":
             _run_on_devices(trainer, devices, todo, train_one)
         else:
             for seed, run_dir, state in todo:
@@ -163,15 +180,72 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
     return ordered
 
 
-def _parallel_devices(parallel: str, num_seeds: int) -> list:
+def _parallel_mode(parallel: str, num_seeds: int) -> tuple[str, list]:
+    """How seeds share the hardware: ("vmap" | "devices" | "off", devices to use).
+
+    auto: one vmapped program on a GPU/TPU (small steps leave the chip mostly idle);
+    on CPU, where vmapped convolutions are slower per image, one seed per local device.
+    """
     import jax
 
-    if parallel not in ("auto", "off"):
-        raise ConfigError(f"--parallel {parallel!r}: expected auto or off")
+    if parallel not in PARALLEL_MODES:
+        raise ConfigError(f"--parallel {parallel!r}: expected one of {', '.join(PARALLEL_MODES)}")
     devices = jax.local_devices()
-    if parallel == "off" or num_seeds < 2 or len(devices) < 2:
-        return []
-    return devices[:num_seeds]
+    if parallel == "off" or num_seeds < 2:
+        return "off", []
+    if parallel == "vmap" or (parallel == "auto" and jax.default_backend() != "cpu"):
+        return "vmap", []
+    if len(devices) < 2:
+        return "off", []
+    return "devices", devices[:num_seeds]
+
+
+def _resume_hint(config: Config, seed: int, run_dir: Path, e: Interrupted, overrides: dict,
+                 workdir: Path) -> str:
+    sets = "".join(f" --set {k}={v}" for k, v in overrides.items())
+    return (f"{config.name} seed{seed}: {e}; checkpoint saved in {run_dir}. Resume "
+            f"with: digitjax run {config.name} --seed {seed}{sets} --workdir {workdir}")
+
+
+def _run_group(trainer, config: Config, todo: list, *, fresh: bool, skip_locked: bool,
+               make_loggers, echo, echo_summary, progress: bool, overrides: dict,
+               workdir: Path, plots: bool) -> None:
+    """Train the `todo` seeds as one vmapped group, each holding its run folder's lock."""
+    import contextlib
+
+    from .group import fit_group
+
+    with contextlib.ExitStack() as locks:
+        runs = []
+        for seed, run_dir, state in todo:
+            try:
+                locks.enter_context(records.run_lock(run_dir))
+            except records.RunLocked as e:
+                if not skip_locked:
+                    raise
+                echo(f"{config.name} seed{seed}: skipped, {e}")
+                continue
+            if not fresh:  # another process may have run it since we looked
+                state = check_run_dir(run_dir, config)
+            if state == "finished":
+                echo(f"{config.name} seed{seed}: finished by another process")
+                echo_summary(records.read_json(run_dir / records.SUMMARY), run_dir)
+                continue
+            if state == "unfinished":
+                echo(f"{config.name} seed{seed}: resuming from the latest checkpoint in {run_dir}")
+            loggers = make_loggers(seed, run_dir) if make_loggers else []
+            runs.append((seed, run_dir, state != "new", loggers))
+        if not runs:
+            return
+        try:
+            done = fit_group(trainer, runs, progress=progress, plots=plots,
+                             extra_config={"overrides": overrides})
+        except Interrupted as e:
+            for seed, run_dir, _, _ in runs:
+                echo(_resume_hint(config, seed, run_dir, e, overrides, workdir))
+            raise
+        for summary, (_, run_dir, _, _) in zip(done, runs, strict=True):
+            echo_summary(summary, run_dir)
 
 
 def _run_on_devices(trainer, devices, todo, train_one) -> None:
@@ -212,9 +286,10 @@ def _run_on_devices(trainer, devices, todo, train_one) -> None:
 def _check_writable(workdir: Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".digitjax-write-test"
-        probe.write_text("")
-        probe.unlink()
+        # A probe of its own: other processes (sweeps, jax.distributed peers) may probe the
+        # same workdir at the same time.
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
     except OSError as e:
         raise ConfigError(f"workdir {workdir} is not writable: {e.strerror}") from None
 

@@ -53,12 +53,39 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def with_matmul_precision(fn, precision: str | None):
+    """`fn` traced under `jax.default_matmul_precision(precision)` (None: jax's default).
+
+    Dots and convolutions resolve their precision when traced, so the policy travels with
+    the step itself, whatever jit or vmap wraps it later.
+    """
+    if precision is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.default_matmul_precision(precision):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, augment, *, batch_size: int,
-                    num_classes: int, label_smoothing: float, ema_decay: float = 0.0):
-    """One optimizer step on the batch at `offset` of the epoch permutation."""
+                    num_classes: int, label_smoothing: float, ema_decay: float = 0.0,
+                    matmul_precision: str | None = None, batch_sharding=None,
+                    state_sharding=None):
+    """One optimizer step on the batch at `offset` of the epoch permutation.
+
+    Data parallel: with `batch_sharding` (the batch axis split over a mesh) each device
+    gathers its share of the batch from its replica of the train set; `state_sharding`
+    (replicated) keeps every device's copy of the new state whole, so XLA all-reduces the
+    gradients. Without them the program is exactly the single-device one.
+    """
 
     def train_step(state: TrainState, images_u8, labels, perm, offset, aug_key, dropout_key):
         idx = jax.lax.dynamic_slice_in_dim(perm, offset, batch_size)
+        if batch_sharding is not None:
+            idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
         x = augment(to_float(images_u8[idx]), jax.random.fold_in(aug_key, state.step))
         y = labels[idx]
         dkey = jax.random.fold_in(dropout_key, state.step)
@@ -78,9 +105,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, augment, *, batc
         if ema_decay:
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
         new_state = TrainState(state.step + 1, params, rest, opt_state, ema)
+        if state_sharding is not None:
+            new_state = jax.lax.with_sharding_constraint(new_state, state_sharding)
         return new_state, {"loss": loss, "accuracy": accuracy}
 
-    return train_step
+    return with_matmul_precision(train_step, matmul_precision)
 
 
 def make_train_chunk(train_step, *, num_steps: int, batch_size: int, loop: str):
@@ -110,14 +139,19 @@ def make_train_chunk(train_step, *, num_steps: int, batch_size: int, loop: str):
 TTA_SEED = 20260101  # test-time views are the same for every run and evaluation
 
 
-def make_eval_batch(graphdef, *, num_classes: int, augment=None, tta_views: int = 0):
+def make_eval_batch(graphdef, *, num_classes: int, augment=None, tta_views: int = 0,
+                    matmul_precision: str | None = None, batch_sharding=None):
     """Sums over one padded batch: loss, correct, count, per-class correct and count.
 
     With `tta_views` > 0, logits are averaged over the image and that many augmented views
     (test-time augmentation), drawn from fixed keys so evaluation stays deterministic.
+    `batch_sharding` splits the batch over a mesh's devices (data parallel).
     """
 
     def eval_batch(params, rest, images_u8, labels, mask):
+        if batch_sharding is not None:
+            images_u8, labels, mask = jax.lax.with_sharding_constraint(
+                (images_u8, labels, mask), batch_sharding)
         model = nnx.merge(graphdef, params, rest)
         x = to_float(images_u8)
         logits = model(x, train=False)
@@ -136,7 +170,7 @@ def make_eval_batch(graphdef, *, num_classes: int, augment=None, tta_views: int 
             "class_count": jnp.sum(onehot, axis=0),
         }
 
-    return jax.jit(eval_batch)
+    return jax.jit(with_matmul_precision(eval_batch, matmul_precision))
 
 
 def epoch_permutation(data_key: jax.Array, epoch: int, n: int) -> jax.Array:

@@ -31,12 +31,12 @@ def alone_and_grouped(mnist_idx, tmp_path_factory):
     alone = {s: trainer.fit(s, tmp / f"alone{s}", progress=False) for s in (0, 1)}
     grouped = fit_group(trainer, [(s, tmp / f"group{s}", False, []) for s in (0, 1)],
                         progress=False)
-    return tmp, alone, dict(zip((0, 1), grouped, strict=True))
+    return tmp, alone, dict(zip((0, 1), grouped, strict=True)), trainer
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_vmapped_seed_matches_the_seed_trained_alone(alone_and_grouped, seed):
-    tmp, alone, grouped = alone_and_grouped
+    tmp, alone, grouped, _ = alone_and_grouped
     a, g = alone[seed], grouped[seed]
     assert a["status"] == g["status"] == "completed"
     assert a["steps"] == g["steps"] == 64
@@ -54,7 +54,7 @@ def test_a_vmapped_seed_matches_the_seed_trained_alone(alone_and_grouped, seed):
 
 
 def test_each_grouped_seed_keeps_its_own_records_and_checkpoints(alone_and_grouped):
-    tmp, _, grouped = alone_and_grouped
+    tmp, _, grouped, _ = alone_and_grouped
     hashes = set()
     for seed in (0, 1):
         run = tmp / f"group{seed}"
@@ -115,3 +115,37 @@ def test_a_killed_seed_group_resumes_to_the_uninterrupted_groups_records(
     assert code == 0, out
     assert out.count("resuming from the latest checkpoint") == 2
     assert _final(tmp_path / "killed") == _final(tmp_path / "whole")
+
+
+class _StopAfter:
+    """A stop request seen at the (n+1)-th chunk boundary, as Ctrl-C would be."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @property
+    def requested(self):
+        self.n -= 1
+        return signal.SIGTERM if self.n < 0 else 0
+
+
+def test_seeds_resumed_at_different_steps_train_in_subgroups(alone_and_grouped, tmp_path):
+    from digitjax.loop import Interrupted
+
+    _, alone, _, trainer = alone_and_grouped
+    with pytest.raises(Interrupted):  # seed 0 stops after 4 chunks of 4 steps, saved
+        trainer.fit(0, tmp_path / "s0", progress=False, stop=_StopAfter(3))
+    done = fit_group(trainer, [(0, tmp_path / "s0", True, []), (1, tmp_path / "s1", False, [])],
+                     progress=False)
+    for seed, summary in zip((0, 1), done, strict=True):
+        assert summary["status"] == "completed" and summary["steps"] == 64
+        record = records.read_json(tmp_path / f"s{seed}" / records.CONFIG)
+        assert record["execution"]["seeds_per_program"] == 1  # each trained in its own group
+        assert abs(summary["test_accuracy"] - alone[seed]["test_accuracy"]) <= 0.0005
+    assert records.read_json(tmp_path / "s0" / records.CONFIG)["resumed_from_step"] == 16
