@@ -36,7 +36,7 @@ IDLE_LOAD = 0.5  # 1-minute load average above which the machine counts as busy
 VERSIONED = ("jax", "jaxlib", "flax", "optax")
 
 # Sections of results/benchmarks.md, in the order the file lists them.
-SECTIONS = ("throughput", "seeds", "time_to_accuracy", "startup")
+SECTIONS = ("throughput", "seeds", "time_to_accuracy", "startup", "data_parallel")
 MD_HEADER = """# Benchmarks
 
 Written by the scripts in `benchmarks/` (see `benchmarks/README.md`): each script rewrites

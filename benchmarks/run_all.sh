@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every benchmark in order on an idle machine (~25 min on 2 CPU cores); each rewrites
+# Runs every benchmark in order on an idle machine (~30 min on 2 CPU cores); each rewrites
 # its section of results/benchmarks.md and appends to results/benchmarks.jsonl.
 # Extra arguments go to every script, e.g. `bash benchmarks/run_all.sh --force`.
 set -euo pipefail
@@ -9,7 +9,7 @@ PY=${PYTHON:-.venv/bin/python}
 # the idle threshold, so each script waits for it (and refuses if other work keeps it up).
 WAIT=(--wait-idle 300)
 status=0
-for script in throughput seeds time_to_accuracy startup; do
+for script in throughput seeds time_to_accuracy startup data_parallel; do
     echo "== benchmarks/$script.py" >&2
     rc=0
     "$PY" "benchmarks/$script.py" "${WAIT[@]}" "$@" || rc=$?
