@@ -169,6 +169,17 @@ def _gpu() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else None
 
 
+def failed(name: str, proc, out: dict, timeout: float) -> bool:
+    """For a child that failed: keep its output tail in `out`, say why on stderr."""
+    if proc.returncode == 0:
+        return False
+    out["tail"] = proc.tail()
+    why = f"timed out after {timeout:.0f} s, killed" if proc.timed_out else \
+        f"exit {proc.returncode}"
+    print(f"{name} failed ({why}):\n{proc.tail()}", file=sys.stderr, flush=True)
+    return True
+
+
 def command_line() -> str:
     """The exact command that ran this script, relative to the repository root."""
     argv = list(sys.argv)

@@ -57,12 +57,7 @@ def run_mode(mode: str, args) -> dict:
                                            "compile_seconds", "test_accuracy")})
         c = _common.read_json(summaries[0].with_name("config.json"))
         out["data_parallel_devices"] = c["execution"]["data_parallel_devices"]
-    if proc.returncode != 0:
-        out["tail"] = proc.tail()
-        why = (f"timed out after {args.timeout:.0f} s, killed" if proc.timed_out
-               else f"exit {proc.returncode}")
-        print(f"{mode} failed ({why}):\n{proc.tail()}", file=sys.stderr, flush=True)
-    else:
+    if not _common.failed(mode, proc, out, args.timeout):
         print(f"{mode}: {out['images_per_second']:,.0f} images/s, wall "
               f"{proc.wall_seconds:.1f} s", file=sys.stderr, flush=True)
     shutil.rmtree(workdir, ignore_errors=True)

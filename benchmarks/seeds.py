@@ -89,12 +89,7 @@ def run_mode(mode: str, args) -> dict:
         out["device_count"] = c["execution"]["device_count"]
         out["xla_flags_in_run"] = c["environment"]["xla_flags"]
     out["seeds"] = sorted(seeds, key=lambda s: s["seed"])
-    if proc.returncode != 0:
-        out["tail"] = proc.tail()
-        why = (f"timed out after {args.timeout:.0f} s, killed" if proc.timed_out
-               else f"exit {proc.returncode}")
-        print(f"{mode} failed ({why}):\n{proc.tail()}", file=sys.stderr, flush=True)
-    else:
+    if not _common.failed(mode, proc, out, args.timeout):
         print(f"{mode}: {proc.wall_seconds:.1f} s", file=sys.stderr, flush=True)
     if args.keep_workdirs:
         out["workdir"] = str(workdir)
