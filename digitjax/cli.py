@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import PARALLEL_MODES
@@ -443,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Interrupted):
         print("digitjax: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `digitjax show NAME | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         message = _storage_error(e)
         if message is None:

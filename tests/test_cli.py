@@ -98,3 +98,11 @@ def test_a_run_folder_in_training_is_refused_and_a_killed_holder_frees_it(capsys
     assert holder.returncode == -9
     with records.run_lock(run_dir):
         pass
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_an_error():
+    # As with `digitjax show NAME | head -1`; `true` leaves before digitjax (which imports
+    # jax first) writes anything, so the write surely meets a closed pipe (EPIPE).
+    proc = subprocess.run(f"{sys.executable} -m digitjax show best_bn_cnn | true",
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in proc.stderr and "error" not in proc.stderr, proc.stderr
