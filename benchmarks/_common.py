@@ -169,6 +169,11 @@ def _gpu() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else None
 
 
+def alternating(modes: list[str], repeats: int) -> list[str]:
+    """Modes in rounds, every other round reversed, so drift in the machine hits all alike."""
+    return [m for r in range(repeats) for m in (modes if r % 2 == 0 else modes[::-1])]
+
+
 def failed(name: str, proc, out: dict, timeout: float) -> bool:
     """For a child that failed: keep its output tail in `out`, say why on stderr."""
     if proc.returncode == 0:

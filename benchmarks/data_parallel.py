@@ -111,10 +111,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     guard = _common.check_idle(args)
     env = _common.environment()
-    runs = []
-    for r in range(args.repeats):
-        for mode in (list(MODES) if r % 2 == 0 else list(MODES)[::-1]):
-            runs.append(run_mode(mode, args))
+    runs = [run_mode(mode, args) for mode in _common.alternating(list(MODES), args.repeats)]
     modes = summarize(runs)
     results = {"experiment": args.experiment, "overrides": args.set,
                "repeats": args.repeats, "modes": modes, "runs": runs}

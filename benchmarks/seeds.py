@@ -180,10 +180,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     guard = _common.check_idle(args)
     env = _common.environment()
-    runs = []
-    for r in range(args.repeats):
-        for mode in (args.modes if r % 2 == 0 else args.modes[::-1]):
-            runs.append(run_mode(mode, args))
+    runs = [run_mode(mode, args) for mode in _common.alternating(args.modes, args.repeats)]
     modes = summarize(runs, args)
     results = {"experiment": args.experiment, "seeds": args.seeds,
                "overrides": overrides(args), "repeats": args.repeats, "modes": modes,
