@@ -8,6 +8,7 @@ another process holds are left to it) and `--shard i/n` takes a deterministic sl
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import io
@@ -118,13 +119,13 @@ class Row:
     ensemble: float | None  # test accuracy (%) of the seeds' averaged logits
 
 
-def collect(study_name: str, workdir=None) -> tuple[list[Row], dict]:
-    """Table rows from the run records, and facts about the machine and versions."""
+def collect(study_name: str, workdir=None) -> tuple[list[Row], list[dict]]:
+    """Table rows from the run records, and each finished run's machine and versions."""
     from .runner import model_flops
 
     workdir = Path(workdir) if workdir else default_workdir(study_name)
     study = registry.get_study(study_name)
-    rows, env = [], {}
+    rows, envs = [], []
     for name in study.experiments:
         config = registry.get(name).config
         summaries = []
@@ -132,10 +133,9 @@ def collect(study_name: str, workdir=None) -> tuple[list[Row], dict]:
             run_dir = records.run_dir(workdir, name, seed, {})
             if (run_dir / records.SUMMARY).exists():
                 summaries.append(records.read_json(run_dir / records.SUMMARY))
-                if not env:
-                    record = records.read_json(run_dir / records.CONFIG)
-                    env = {**record.get("environment", {}), "seeds_per_program":
-                           record.get("execution", {}).get("seeds_per_program", 1)}
+                record = records.read_json(run_dir / records.CONFIG)
+                envs.append({**record.get("environment", {}), "seeds_per_program":
+                             record.get("execution", {}).get("seeds_per_program", 1)})
         done = [s for s in summaries if s.get("status") == "completed"]
         test = [100 * s["test_accuracy"] for s in done]
         m, sd = mean_std(test)
@@ -151,7 +151,16 @@ def collect(study_name: str, workdir=None) -> tuple[list[Row], dict]:
             train_seconds=mean_std([s["train_seconds"] for s in done])[0],
             images_per_second=mean_std([s["images_per_second"] for s in done])[0],
             ensemble=_ensemble_accuracy(workdir / name)))
-    return rows, env
+    return rows, envs
+
+
+def _facts(envs: list[dict], describe) -> str:
+    """One fact of the runs, e.g. their XLA flags: the value, or each value with its count
+    when the runs differ (a study continued on another machine or with other versions)."""
+    counts = collections.Counter(describe(e) for e in envs)
+    if len(counts) <= 1:
+        return next(iter(counts), describe({}))
+    return "; ".join(f"{v} ({n} run{'s' * (n > 1)})" for v, n in sorted(counts.items()))
 
 
 def _ensemble_accuracy(folder: Path) -> float | None:
@@ -174,7 +183,7 @@ def _f(x, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def render(study_name: str, rows: list[Row], env: dict, workdir: Path | None = None
+def render(study_name: str, rows: list[Row], envs: list[dict], workdir: Path | None = None
            ) -> tuple[str, str]:
     """(markdown, csv) of a study; deterministic given the records."""
     study = registry.get_study(study_name)
@@ -191,9 +200,8 @@ def render(study_name: str, rows: list[Row], env: dict, workdir: Path | None = N
             f"{_f(r.ensemble, '.2f')} | "
             f"{_f(r.val_mean, '.2f')} | {_f(r.num_params, ',')} | {_f(r.mflops, '.2f')} | "
             f"{r.epochs} | {_f(r.train_seconds, '.1f')} | {_f(r.images_per_second, ',.0f')} |")
-    versions = env.get("versions", {})
     where = f" --workdir {workdir.as_posix()}" if workdir else ""
-    k = env.get("seeds_per_program", 1)
+    k = max((e.get("seeds_per_program", 1) for e in envs), default=1)
     group = (f" Seeds ran {k} at a time in one vmapped program: train s is the group's "
              "time, images/s per seed." if k > 1 else "")
     lines += ["", "Test accuracy is that of each run's checkpoint chosen on validation "
@@ -203,11 +211,10 @@ def render(study_name: str, rows: list[Row], env: dict, workdir: Path | None = N
               *_selected(rows),
               f"- Reproduce: `digitjax sweep {study_name}{where}` then "
               f"`digitjax table {study_name}{where}`",
-              f"- Hardware: {env.get('cpu_model', '?')} ({env.get('cpu_count', '?')} cores); "
-              f"backend {env.get('backend', '?')} ({env.get('device_kind', '?')}, "
-              f"{env.get('device_count', '?')} device(s))",
-              "- Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()) if v),
-              f"- XLA flags: `{env.get('xla_flags', '')}`", ""]
+              "- Hardware: " + _facts(envs, _hardware),
+              "- Versions: " + _facts(envs, lambda e: ", ".join(
+                  f"{k} {v}" for k, v in sorted(e.get("versions", {}).items()) if v)),
+              "- XLA flags: " + _facts(envs, lambda e: f"`{e.get('xla_flags', '')}`"), ""]
     buf = io.StringIO()
     fields = [f.name for f in dataclasses.fields(Row)]
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
@@ -218,18 +225,24 @@ def render(study_name: str, rows: list[Row], env: dict, workdir: Path | None = N
     return "\n".join(lines), buf.getvalue()
 
 
+def _hardware(env: dict) -> str:
+    return (f"{env.get('cpu_model', '?')} ({env.get('cpu_count', '?')} cores); backend "
+            f"{env.get('backend', '?')} ({env.get('device_kind', '?')}, "
+            f"{env.get('device_count', '?')} device(s))")
+
+
 def table(study_name: str, *, workdir=None, out_dir=RESULTS, check=False) -> list[str]:
     """Write results/<name>.md and .csv; with check, compare instead (returns differences).
 
     <name> is the study's, or the workdir's folder name when that is `<study>_<suffix>`:
     the same study run on a GPU into results/runs/best_h100 gives results/best_h100.md.
     """
-    rows, env = collect(study_name, workdir)
+    rows, envs = collect(study_name, workdir)
     name = Path(workdir).name if workdir else ""
     stem = name if name.startswith(f"{study_name}_") else study_name
     # Shown as the conventional results/runs/<name>, wherever the records were read from.
     shown = default_workdir(stem) if stem != study_name else None
-    md, csv_text = render(study_name, rows, env, shown)
+    md, csv_text = render(study_name, rows, envs, shown)
     out_dir = Path(out_dir)
     targets = {out_dir / f"{stem}.md": md, out_dir / f"{stem}.csv": csv_text}
     if check:

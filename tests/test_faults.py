@@ -388,11 +388,11 @@ def test_a_diverged_run_names_its_step_keeps_its_last_good_checkpoint_and_the_sw
         s = records.read_json(workdir / "fault_linear" / f"seed{seed}" / records.SUMMARY)
         assert s["status"] == "completed"
     # The table counts it apart and averages nothing for it.
-    rows, env = study.collect(STUDY, workdir)
+    rows, envs = study.collect(STUDY, workdir)
     row = {r.experiment: r for r in rows}["fault_diverge"]
     assert (row.completed, row.diverged) == (0, 1) and math.isnan(row.test_mean)
     assert "| fault_diverge | linear | none | 0/1 (1 diverged) | - |" in study.render(
-        STUDY, rows, env)[0]
+        STUDY, rows, envs)[0]
     # A diverged run is final: not retrained, and `digitjax run` exits 1 for it.
     code, out, _ = run_cli(capsys, "run", "fault_diverge", "--workdir", workdir, *RUN_FLAGS)
     assert code == 1 and "already finished" in out

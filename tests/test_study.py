@@ -68,6 +68,14 @@ def test_sweep_is_resumable_and_the_table_is_rebuilt_from_records(prepared_mnist
     assert study.table("smoke", workdir=tmp_path, out_dir=out, check=True)
     study.table("smoke", workdir=tmp_path, out_dir=out)
     assert "1/2 (1 diverged)" in (out / "smoke.md").read_text()
+    # Runs made with other flags (a study continued elsewhere): the table says so, with counts.
+    config = tmp_path / "smoke_lean_cnn" / "seed0" / records.CONFIG
+    c = records.read_json(config)
+    flags = c["environment"]["xla_flags"]
+    records.write_json(config, {**c, "environment": {**c["environment"], "xla_flags": "--x=1"}})
+    study.table("smoke", workdir=tmp_path, out_dir=out)
+    facts = (out / "smoke.md").read_text().split("- XLA flags: ")[1].splitlines()[0]
+    assert facts == f"`--x=1` (1 run); `{flags}` (3 runs)"
 
 
 def test_committed_tables_match_their_committed_records():
