@@ -430,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .config import ConfigError
     from .idx import DataError
-    from .loop import Interrupted
     from .records import RunLocked
+    from .stop import Interrupted
 
     try:
         return COMMANDS[args.command](args)

@@ -106,3 +106,12 @@ def test_output_piped_into_a_reader_that_stops_early_is_not_an_error():
     proc = subprocess.run(f"{sys.executable} -m digitjax show best_bn_cnn | true",
                           shell=True, capture_output=True, text=True, timeout=120)
     assert "Traceback" not in proc.stderr and "error" not in proc.stderr, proc.stderr
+
+
+def test_listing_experiments_does_not_load_jax():
+    # `digitjax list` is what a user types first: it must answer at once, without jax.
+    code = ("import sys; from digitjax import cli; assert cli.main(['list']) == 0; "
+            "assert 'jax' not in sys.modules, 'jax was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
