@@ -53,20 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-plots", action="store_true",
                      help="do not write the run's plots (<run_dir>/plots/*.png) at the end")
-    run.add_argument("--parallel", choices=PARALLEL_MODES, default="auto",
-                     help="how seeds share the hardware. vmap: all seeds in one vmapped "
-                     "program; devices: one seed per local device; off: one after another; "
-                     "auto (default): vmap on GPU/TPU, devices on CPU when there are several")
-    run.add_argument("--data-parallel", default="auto", metavar="auto|off|N",
-                     help="split each step's batch over devices, the state replicated (seeds "
-                     "then train one after another). auto (default): every device on GPU/TPU "
-                     "or across processes, off on CPU; N: N devices (on CPU, N host devices "
-                     "sharing the cores)")
-    run.add_argument("--distributed", action="store_true",
-                     help="one process of a multi-process run (jax.distributed): from "
-                     "$DIGITJAX_COORDINATOR=host:port, $DIGITJAX_NUM_PROCESSES and "
-                     "$DIGITJAX_PROCESS_ID, or a cluster JAX detects (Slurm, Open MPI, TPU); "
-                     "only process 0 writes the run records")
+    _execution_args(run)
     run.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto",
                      help="Weights & Biases logging (default auto: online when logged in and "
                      "the server answers, else offline under the run folder; follows "
@@ -97,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto")
     sw.add_argument("--no-progress", action="store_true")
     sw.add_argument("--no-plots", action="store_true", help="do not write each run's plots")
-    sw.add_argument("--parallel", choices=PARALLEL_MODES, default="auto")
+    _execution_args(sw)
     _data_args(sw)
 
     en = sub.add_parser("ensemble", help="test accuracy of an experiment's seeds' averaged "
@@ -200,6 +187,49 @@ def _app_parsers(sub) -> None:
     _data_args(pl)
 
 
+def _execution_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parallel", choices=PARALLEL_MODES, default="auto",
+                     help="how seeds share the hardware. vmap: all seeds in one vmapped "
+                     "program; devices: one seed per local device; off: one after another; "
+                     "auto (default): vmap on GPU/TPU, devices on CPU when there are several")
+    p.add_argument("--data-parallel", default="auto", metavar="auto|off|N",
+                     help="split each step's batch over devices, the state replicated (seeds "
+                     "then train one after another). auto (default): every device on GPU/TPU "
+                     "or across processes, off on CPU; N: N devices (on CPU, N host devices "
+                     "sharing the cores)")
+    p.add_argument("--distributed", action="store_true",
+                     help="one process of a multi-process run (jax.distributed): from "
+                     "$DIGITJAX_COORDINATOR=host:port, $DIGITJAX_NUM_PROCESSES and "
+                     "$DIGITJAX_PROCESS_ID, or a cluster JAX detects (Slurm, Open MPI, TPU); "
+                     "only process 0 writes the run records")
+
+
+def _start_execution(args) -> str | int:
+    """Set up devices and processes as asked; before anything starts a jax backend."""
+    from . import distributed
+
+    data_parallel = distributed.parse_choice(args.data_parallel)
+    if isinstance(data_parallel, int) and not args.distributed:
+        distributed.cpu_devices(data_parallel)
+    if args.distributed:
+        distributed.initialize()
+    return data_parallel
+
+
+def _echo():
+    """print, on the process that writes the records (the others of a multi-process run
+    train the same runs and would repeat every line)."""
+    from .distributed import is_primary
+
+    return print if is_primary() else (lambda *a, **k: None)
+
+
+def _progress(args) -> bool:
+    from .distributed import is_primary
+
+    return not args.no_progress and is_primary()
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="TFDS data dir (default: $TFDS_DATA_DIR or "
                    "~/tensorflow_datasets)")
@@ -235,15 +265,10 @@ def cmd_show(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import distributed, registry, runner, wandb_log
+    from . import registry, runner, wandb_log
     from .config import ConfigError, parse_override, parse_seeds
 
-    # Both must happen before anything starts a jax backend.
-    data_parallel = distributed.parse_choice(args.data_parallel)
-    if isinstance(data_parallel, int) and not args.distributed:
-        distributed.cpu_devices(data_parallel)
-    if args.distributed:
-        distributed.initialize()
+    data_parallel = _start_execution(args)
     name = args.name or args.experiment or registry.default_name()
     seeds = None
     try:
@@ -257,9 +282,10 @@ def cmd_run(args) -> int:
     overrides = dict(parse_override(o) for o in args.set)
     summaries = runner.run_experiment(
         config, overrides=overrides, workdir=args.workdir, fresh=args.fresh,
-        progress=not args.no_progress, data_dir=args.data_dir, idx_dir=args.data_idx,
-        download=args.download, make_loggers=wandb_log.make_loggers(args.wandb),
-        parallel=args.parallel, plots=not args.no_plots, data_parallel=data_parallel)
+        progress=_progress(args), data_dir=args.data_dir,
+        idx_dir=args.data_idx, download=args.download,
+        make_loggers=wandb_log.make_loggers(args.wandb), parallel=args.parallel,
+        plots=not args.no_plots, data_parallel=data_parallel, echo=_echo())
     return 0 if all(s.get("status") == "completed" for s in summaries) else 1
 
 
@@ -276,10 +302,13 @@ def cmd_sweep(args) -> int:
     if args.wandb_sweep:
         print(study.wandb_sweep_config(args.study), end="")
         return 0
+    data_parallel = "off" if args.dry_run else _start_execution(args)
     study.sweep(args.study, workdir=args.workdir, shard=args.shard, dry_run=args.dry_run,
-                progress=not args.no_progress, data_dir=args.data_dir, idx_dir=args.data_idx,
-                download=args.download, make_loggers=wandb_log.make_loggers(args.wandb),
-                parallel=args.parallel, plots=not args.no_plots)
+                progress=_progress(args), data_dir=args.data_dir,
+                idx_dir=args.data_idx, download=args.download,
+                make_loggers=wandb_log.make_loggers(args.wandb), parallel=args.parallel,
+                plots=not args.no_plots, data_parallel=data_parallel,
+                echo=_echo())
     return 0
 
 

@@ -101,3 +101,12 @@ def test_cli_rejects_a_bad_data_parallel_choice_in_one_line(capsys):
     code, _, err = run_cli(capsys, "run", "quick", "--data-parallel", "two")
     assert code == 2 and err.count("\n") == 1
     assert "--data-parallel 'two': expected auto, off or a device count" in err
+
+
+def test_only_the_primary_process_prints_run_lines(monkeypatch, capsys):
+    from digitjax import cli
+
+    cli._echo()("from process 0")
+    monkeypatch.setattr(distributed, "process_index", lambda: 1)
+    cli._echo()("from process 1")
+    assert capsys.readouterr().out == "from process 0\n"

@@ -114,3 +114,18 @@ def test_a_committed_run_is_reproduced_by_the_code(prepared_mnist, tmp_path):
              for r in records.read_metrics(new_dir / records.METRICS)]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING}
                      for r in records.read_metrics(run_dir / records.METRICS)]
+
+
+def test_sweep_command_trains_data_parallel_when_asked(prepared_mnist, tmp_path):
+    # `digitjax sweep` takes run's execution options; here 2 host devices (a process of its
+    # own: host devices exist only if asked for before jax starts).
+    (name, seed), = study.plan("smoke", "0/4")
+    env = {**os.environ, "TFDS_DATA_DIR": str(prepared_mnist)}
+    out = subprocess.run([sys.executable, "-m", "digitjax", "sweep", "smoke", "--shard", "0/4",
+                          "--data-parallel", "2", "--workdir", str(tmp_path), "--no-progress",
+                          "--no-plots", "--wandb", "off"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"{name} seed{seed}: test accuracy" in out.stdout
+    record = records.read_json(tmp_path / name / f"seed{seed}" / records.CONFIG)
+    assert record["execution"]["data_parallel_devices"] == 2
