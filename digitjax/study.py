@@ -117,6 +117,7 @@ class Row:
     train_seconds: float
     images_per_second: float
     ensemble: float | None  # test accuracy (%) of the seeds' averaged logits
+    wall_seconds: float  # the finished runs' wall, start to finish (a vmapped group once)
 
 
 def collect(study_name: str, workdir=None) -> tuple[list[Row], list[dict]]:
@@ -128,14 +129,16 @@ def collect(study_name: str, workdir=None) -> tuple[list[Row], list[dict]]:
     rows, envs = [], []
     for name in study.experiments:
         config = registry.get(name).config
-        summaries = []
+        summaries, wall = [], 0.0
         for seed in config.seeds:
             run_dir = records.run_dir(workdir, name, seed, {})
             if (run_dir / records.SUMMARY).exists():
                 summaries.append(records.read_json(run_dir / records.SUMMARY))
                 record = records.read_json(run_dir / records.CONFIG)
-                envs.append({**record.get("environment", {}), "seeds_per_program":
-                             record.get("execution", {}).get("seeds_per_program", 1)})
+                k = record.get("execution", {}).get("seeds_per_program", 1)
+                envs.append({**record.get("environment", {}), "seeds_per_program": k})
+                if summaries[-1].get("status") == "completed":
+                    wall += summaries[-1].get("total_seconds", math.nan) / k
         done = [s for s in summaries if s.get("status") == "completed"]
         test = [100 * s["test_accuracy"] for s in done]
         m, sd = mean_std(test)
@@ -150,7 +153,7 @@ def collect(study_name: str, workdir=None) -> tuple[list[Row], list[dict]]:
             mflops=model_flops(config) / 1e6, epochs=config.train.epochs,
             train_seconds=mean_std([s["train_seconds"] for s in done])[0],
             images_per_second=mean_std([s["images_per_second"] for s in done])[0],
-            ensemble=_ensemble_accuracy(workdir / name)))
+            ensemble=_ensemble_accuracy(workdir / name), wall_seconds=wall))
     return rows, envs
 
 
@@ -209,6 +212,9 @@ def render(study_name: str, rows: list[Row], envs: list[dict], workdir: Path | N
               "counted apart, never averaged in. Train seconds and images/s are per seed "
               f"(training loop only).{group}", "",
               *_selected(rows),
+              f"- Wall time: {_hours(sum(r.wall_seconds for r in rows))} for the "
+              f"{sum(r.completed for r in rows)} finished runs (each run start to finish: "
+              "data, compile, training, evaluation, checkpoints)",
               f"- Reproduce: `digitjax sweep {study_name}{where}` then "
               f"`digitjax table {study_name}{where}`",
               "- Hardware: " + _facts(envs, _hardware),
@@ -223,6 +229,12 @@ def render(study_name: str, rows: list[Row], envs: list[dict], workdir: Path | N
         writer.writerow({k: (round(v, 4) if isinstance(v, float) else v)
                          for k, v in dataclasses.asdict(r).items()})
     return "\n".join(lines), buf.getvalue()
+
+
+def _hours(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
 
 
 def _hardware(env: dict) -> str:

@@ -1,5 +1,6 @@
 """Studies: deterministic shards, resumable sweeps, tables rebuilt from the records."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -58,6 +59,9 @@ def test_sweep_is_resumable_and_the_table_is_rebuilt_from_records(prepared_mnist
     study.table("smoke", workdir=tmp_path, out_dir=out)
     md = (out / "smoke.md").read_text()
     assert "| smoke_lean_cnn | lean_cnn | none | 2/2 |" in md
+    assert "- Wall time: " in md and "for the 4 finished runs" in md
+    walls = [float(r["wall_seconds"]) for r in csv.DictReader(open(out / "smoke.csv"))]
+    assert len(walls) == 2 and all(w > 0 for w in walls)
     ens = records.read_json(tmp_path / "smoke_lean_cnn" / "ensemble.json")
     assert len(ens["members"]) == 2 and 0.5 < ens["accuracy"] <= 1.0
     assert f"{100 * ens['accuracy']:.2f}" in md
