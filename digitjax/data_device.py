@@ -60,7 +60,7 @@ def pad_for_eval(images: np.ndarray, labels: np.ndarray, batch: int):
 
 
 def load(config: Config, *, data_dir: str | None = None, idx_dir: str | None = None,
-         download: bool = False) -> DeviceData:
+         download: bool = False, progress: bool = True) -> DeviceData:
     d = config.data
     if d.dataset not in datasets.DATASETS:
         raise ConfigError(f"unknown data set {d.dataset!r}{closest(d.dataset, datasets.DATASETS)};"
@@ -69,7 +69,7 @@ def load(config: Config, *, data_dir: str | None = None, idx_dir: str | None = N
 
     def split(name):
         return datasets.load_split(d.dataset, name, data_dir=data_dir, idx_dir=idx_dir,
-                                   download=download)
+                                   download=download, progress=progress)
 
     return from_arrays(split(d.train_split), split(d.val_split), split(d.test_split),
                        num_classes=info.num_classes, eval_batch_size=config.train.eval_batch_size)

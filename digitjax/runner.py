@@ -121,9 +121,9 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
             todo.append((seed, run_dir, state))
     if todo:
         _check_writable(workdir)
-        trainer = Trainer(config, data_device.load(config, data_dir=data_dir, idx_dir=idx_dir,
-                                                   download=download),
-                          data_parallel=data_parallel)
+        data = data_device.load(config, data_dir=data_dir, idx_dir=idx_dir,
+                                download=download, progress=progress)
+        trainer = Trainer(config, data, data_parallel=data_parallel)
         lock = threading.Lock()
 
         def train_one(tr, seed, run_dir, state, stop, position):

@@ -115,3 +115,17 @@ def test_listing_experiments_does_not_load_jax():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_no_progress_keeps_a_first_run_quiet_while_tfds_prepares(tmp_path):
+    # A first run prepares MNIST with TFDS (whose bars and status lines go to stderr);
+    # --no-progress, as in logs and CI, must silence that too.
+    env = {**os.environ, "TFDS_DATA_DIR": str(tmp_path / "tfds")}
+    proc = subprocess.run([sys.executable, "-m", "digitjax", "run", "smoke_linear", "--seed", "0",
+                           "--no-progress", "--no-plots", "--wandb", "off", "--workdir",
+                           str(tmp_path / "runs")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "tfds" / "mnist").is_dir()  # it did prepare
+    assert "smoke_linear seed0: test accuracy" in proc.stdout
+    assert proc.stderr == ""
