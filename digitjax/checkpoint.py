@@ -174,7 +174,7 @@ def load_model(run_dir: Path | str, which: str | int = "best"):
     info = DATASETS[config.data.dataset]
     graphdef, *_ = build_model(config, info.num_classes, info.image_shape[-1],
                                record["num_steps"], record["steps_per_epoch"])
-    model = nnx.merge(graphdef, steps.eval_params(state), state.rest)
+    model = nnx.merge(graphdef, *steps.eval_variables(state, config.train.ema_batch_stats))
     return model, {**record, "checkpoint_step": step}
 
 

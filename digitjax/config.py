@@ -65,6 +65,8 @@ class TrainConfig:
     eval_batch_size: int = 1000
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # > 0: evaluate an exponential moving average of the weights
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + t) / (10 + t)) at step t
+    ema_batch_stats: bool = False  # average batch-norm statistics too, evaluated with the EMA
     tta_views: int = 0  # > 0: evaluate the mean logits of the image and this many augmented views
     # Steps run by one compiled call; 0 = the backend's default (see train.backend_defaults).
     steps_per_call: int = 0
@@ -127,11 +129,20 @@ def flat_keys() -> list[str]:
     return list(_field_types(Config).keys())
 
 
+# Keys added after run records were committed, with the value that keeps the behaviour from
+# before them: left out of the hash at that value, so older configs keep their hash (and
+# their run folders resume and reproduce).
+_LATER_KEYS = {"train.ema_warmup": False, "train.ema_batch_stats": False}
+
+
 def config_hash(config: Config) -> str:
     """Hash of everything that changes the numbers (not the name, description or seeds)."""
     d = flatten(to_dict(config))
     for k in _NON_NUMERIC_KEYS:
         d.pop(k)
+    for k, old in _LATER_KEYS.items():
+        if d[k] == old:
+            d.pop(k)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -251,6 +262,8 @@ def check_values(config: Config) -> None:
         (t.eval_every_epochs >= 1, "train.eval_every_epochs must be >= 1"),
         (0.0 <= t.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay must be in [0, 1) (0 = off)"),
+        (t.ema_decay > 0 or not (t.ema_warmup or t.ema_batch_stats),
+         "train.ema_warmup and train.ema_batch_stats need a moving average (train.ema_decay > 0)"),
         (t.tta_views >= 0, "train.tta_views must be >= 0"),
         (t.tta_views == 0 or config.augment.name != "none",
          "train.tta_views needs an augmentation (augment.name) to draw views from"),

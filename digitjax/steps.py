@@ -27,12 +27,42 @@ class TrainState:
     opt_state: Any
     # Exponential moving average of the parameters (evaluated instead of them when on);
     # an empty dict when train.ema_decay is 0. Not optax.ema, which averages updates.
+    # With train.ema_batch_stats, {"params": ..., "rest": ...}: batch-norm statistics
+    # averaged too, so the averaged weights are evaluated with statistics that match them.
     ema: Any
 
 
-def eval_params(state: TrainState):
-    """The parameters evaluation uses: the moving average when it is kept."""
-    return state.ema if state.ema else state.params
+def eval_variables(state: TrainState, ema_batch_stats: bool = False):
+    """(params, rest) that evaluation uses: the moving averages when they are kept."""
+    if not state.ema:
+        return state.params, state.rest
+    if ema_batch_stats:
+        return state.ema["params"], state.ema["rest"]
+    return state.ema, state.rest
+
+
+def init_ema(params, rest, ema_decay: float, ema_batch_stats: bool):
+    if not ema_decay:
+        return {}
+    copy = functools.partial(jax.tree.map, jnp.copy)
+    return {"params": copy(params), "rest": copy(rest)} if ema_batch_stats else copy(params)
+
+
+def update_ema(ema, params, rest, step, *, decay: float, warmup: bool, batch_stats: bool):
+    """One EMA step after optimizer step `step` (0-based). With warm-up the decay is
+    min(decay, (1 + t) / (10 + t)), so early averages are not dominated by the initial
+    weights (as in TF's ExponentialMovingAverage with num_updates)."""
+    if warmup:
+        t = step.astype(jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+    def mix(e, p):  # non-float state (counters, keys) is taken as it is
+        return decay * e + (1.0 - decay) * p if jnp.issubdtype(e.dtype, jnp.floating) else p
+
+    if batch_stats:
+        return {"params": jax.tree.map(mix, ema["params"], params),
+                "rest": jax.tree.map(mix, ema["rest"], rest)}
+    return jax.tree.map(mix, ema, params)
 
 
 def split_model(model: nnx.Module):
@@ -72,6 +102,7 @@ def with_matmul_precision(fn, precision: str | None):
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, augment, *, batch_size: int,
                     num_classes: int, label_smoothing: float, ema_decay: float = 0.0,
+                    ema_warmup: bool = False, ema_batch_stats: bool = False,
                     matmul_precision: str | None = None, batch_sharding=None,
                     state_sharding=None):
     """One optimizer step on the batch at `offset` of the epoch permutation.
@@ -103,7 +134,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, augment, *, batc
         accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
         ema = state.ema
         if ema_decay:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+            ema = update_ema(ema, params, rest, state.step, decay=ema_decay, warmup=ema_warmup,
+                             batch_stats=ema_batch_stats)
         new_state = TrainState(state.step + 1, params, rest, opt_state, ema)
         if state_sharding is not None:
             new_state = jax.lax.with_sharding_constraint(new_state, state_sharding)

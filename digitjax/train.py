@@ -149,7 +149,8 @@ def build_model(config: Config, num_classes: int, in_channels: int, num_steps: i
 
     def init(key) -> steps.TrainState:
         _, params, rest = steps.split_model(make_model(key))
-        ema = jax.tree.map(jnp.copy, params) if config.train.ema_decay else {}
+        t = config.train
+        ema = steps.init_ema(params, rest, t.ema_decay, t.ema_batch_stats)
         return steps.TrainState(jnp.zeros((), jnp.int32), params, rest, tx.init(params), ema)
 
     return graphdef, abs_params, tx, schedule, init
@@ -198,6 +199,7 @@ class Trainer:
             self.graphdef, self.tx, augment.get(config.augment.name),
             batch_size=t.batch_size, num_classes=data.num_classes,
             label_smoothing=t.label_smoothing, ema_decay=t.ema_decay,
+            ema_warmup=t.ema_warmup, ema_batch_stats=t.ema_batch_stats,
             matmul_precision=precision, batch_sharding=batch, state_sharding=replicated)
         self.train_step = train_step
         self._chunks = {
@@ -288,10 +290,10 @@ class Trainer:
         """Loss, accuracy and per-class accuracy on a whole split (one host fetch)."""
         images, labels, mask = self.data.eval_split(split)
         b = self.config.train.eval_batch_size
-        params = steps.eval_params(state)
+        params, rest = steps.eval_variables(state, self.config.train.ema_batch_stats)
         sums = []
         for i in range(0, images.shape[0], b):
-            sums.append(self._eval_batch(params, state.rest, images[i:i + b], labels[i:i + b],
+            sums.append(self._eval_batch(params, rest, images[i:i + b], labels[i:i + b],
                                          mask[i:i + b]))
             self._throttle(sums[-1])
         sums = jax.device_get(sums)

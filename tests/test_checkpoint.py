@@ -160,10 +160,15 @@ def test_checkpoint_cadence_does_not_change_the_numbers(mnist_idx, tmp_path):
     assert often["test_accuracy"] == rarely["test_accuracy"]
 
 
-def test_resume_restores_the_weight_average(mnist_idx, tmp_path):
+@pytest.mark.parametrize("ema", [
+    ("train.ema_decay=0.9",),
+    # warm-up, and batch-norm statistics averaged too (kept in the checkpoint with the weights)
+    ("train.ema_decay=0.9", "train.ema_warmup=true", "train.ema_batch_stats=true",
+     "model.name=bn_cnn_half")], ids=["weights", "weights+batch_stats"])
+def test_resume_restores_the_weight_average(mnist_idx, tmp_path, ema):
     import shutil
 
-    tr = small_trainer(mnist_idx, "train.ema_decay=0.9", "checkpoint.keep=3")
+    tr = small_trainer(mnist_idx, *ema, "checkpoint.keep=3")
     reference = tr.fit(0, tmp_path / "ref", progress=False)
     run_dir = tmp_path / "run"
     tr.fit(0, run_dir, progress=False)

@@ -148,3 +148,54 @@ def test_test_time_augmentation_averages_views_deterministically(mnist_idx):
     assert b == c and b["loss"] != a["loss"]
     with pytest.raises(ConfigError, match="needs an augmentation"):
         registry.resolve("quick", ["train.tta_views=2"])
+
+
+def test_ema_warmup_and_batch_statistics_average():
+    import jax.numpy as jnp
+
+    init, new = {"w": jnp.zeros(3)}, {"w": jnp.ones(3)}
+    rest = {"mean": jnp.full(2, 4.0), "count": jnp.array(7, jnp.uint32)}
+    ema = steps.init_ema(init, {"mean": jnp.zeros(2), "count": jnp.array(0, jnp.uint32)},
+                         0.999, True)
+    # Step 0 with warm-up: decay min(0.999, 1/10), so the average is mostly the new weights.
+    out = steps.update_ema(ema, new, rest, jnp.array(0), decay=0.999, warmup=True,
+                           batch_stats=True)
+    np.testing.assert_allclose(out["params"]["w"], 0.9)
+    np.testing.assert_allclose(out["rest"]["mean"], 3.6)
+    assert int(out["rest"]["count"]) == 7  # non-float state is taken, not averaged
+    late = steps.update_ema(ema, new, rest, jnp.array(100_000), decay=0.999, warmup=True,
+                            batch_stats=True)
+    np.testing.assert_allclose(late["params"]["w"], 0.001, rtol=1e-4)
+    plain = steps.update_ema(init, new, rest, jnp.array(0), decay=0.999, warmup=False,
+                             batch_stats=False)
+    np.testing.assert_allclose(plain["w"], 0.001, rtol=1e-4)
+
+
+def test_averaged_batch_statistics_are_the_ones_evaluated(mnist_idx):
+    import dataclasses
+
+    import jax
+
+    tr = Trainer(quick_config("model.name=bn_cnn_half", "train.ema_decay=0.9",
+                              "train.ema_batch_stats=true", "train.batch_size=64"),
+                 small_data(mnist_idx))
+    keys, state = tr.keys(0), tr.init_state(0)
+    tr.compile(state, keys)
+    perm = steps.epoch_permutation(keys["data"], 0, tr.data.num_train)
+    for offset in range(0, 8 * 64, 4 * 64):
+        state, _ = tr.run_chunk(state, 4, perm, offset, keys)
+    live, averaged = jax.tree.leaves(state.rest), jax.tree.leaves(state.ema["rest"])
+    assert live and not any(np.allclose(a, b) for a, b in zip(live, averaged, strict=True))
+    # Evaluation uses the averaged statistics: swapping in the live ones changes the result.
+    live_stats = dataclasses.replace(state, ema={**state.ema, "rest": state.rest})
+    assert tr.evaluate(state, "val") != tr.evaluate(live_stats, "val")
+
+
+def test_ema_options_need_an_average_and_leave_older_hashes_alone():
+    from digitjax.config import config_hash
+
+    with pytest.raises(ConfigError, match="need a moving average"):
+        registry.resolve("quick", ["train.ema_warmup=true"])
+    base = registry.resolve("quick", ["train.ema_decay=0.9"])
+    warm = registry.resolve("quick", ["train.ema_decay=0.9", "train.ema_warmup=true"])
+    assert config_hash(base) != config_hash(warm)
