@@ -250,6 +250,10 @@ def cmd_list(args) -> int:
         mark = "*" if name == default else " "
         print(f"{mark} {name:<{width}}  seeds {seeds:<9} {exp.description}")
     print("(* = default for `digitjax run`)")
+    print("\nStudies (`digitjax sweep STUDY`, then `digitjax table STUDY`):")
+    for name, st in registry.studies().items():
+        print(f"  {name:<{width}}  {len(st.experiments)} experiments: "
+              f"{', '.join(st.experiments)}")
     return 0
 
 

@@ -17,6 +17,8 @@ def test_list_shows_every_experiment_with_seeds(capsys):
     assert code == 0
     assert "* quick" in out and "flax_cnn" in out and "fashion_flax_cnn" in out
     assert "seeds 0,1,2" in out
+    studies = out.split("Studies (`digitjax sweep STUDY`")[1]
+    assert "  architectures " in studies and "arch_bn_cnn" in studies and "  best " in studies
 
 
 def test_show_prints_the_resolved_config_and_parameter_count(capsys):
