@@ -142,6 +142,7 @@ EPILOG_PLOT = """examples:
   digitjax plot runs/quick/seed0            # -> runs/quick/seed0/plots/*.png
   digitjax plot --augment none -o results/plots/augment_none.png
   digitjax plot --experiments flax_cnn keras_cnn mlp --workdir runs -o results/plots/study.png
+  digitjax plot --curves runs/best_bn_cnn/seed0 runs/best_bn_cnn_ema/seed0 -o ema.png
 """
 
 
@@ -181,6 +182,11 @@ def _app_parsers(sub) -> None:
     pl.add_argument("--experiments", nargs="+", metavar="NAME",
                     help="test accuracy of each experiment with its seed spread, from "
                     "WORKDIR/NAME/seed*/summary.json")
+    pl.add_argument("--curves", nargs="+", metavar="RUN_DIR",
+                    help="several runs' loss and accuracy per epoch on one split, one line "
+                    "each (e.g. two recipes' seed 0)")
+    pl.add_argument("--split", choices=("val", "test"), default="val",
+                    help="the split --curves shows (default val, the one runs are chosen on)")
     pl.add_argument("--workdir", help="where run folders are (default: $DIGITJAX_WORKDIR "
                     "or ./runs)")
     pl.add_argument("-o", "--output", help="PNG to write (--augment, --experiments)")
@@ -402,10 +408,15 @@ def cmd_plot(args) -> int:
 
     from . import plots, records
 
-    chosen = [x for x in (args.run_dir, args.augment, args.experiments, args.study) if x]
+    chosen = [x for x in (args.run_dir, args.augment, args.experiments, args.study,
+                          args.curves) if x]
     if len(chosen) != 1:
-        raise UsageError("give exactly one of RUN_DIR, --augment NAME, --study STUDY or "
-                         "--experiments NAMES")
+        raise UsageError("give exactly one of RUN_DIR, --augment NAME, --study STUDY, "
+                         "--experiments NAMES or --curves RUN_DIRS")
+    if args.curves:
+        out = args.output or "curves.png"
+        print(f"wrote {plots.plot_runs(plots.read_runs(args.curves), out, split=args.split)}")
+        return 0
     if args.study:
         from . import registry, study
 
@@ -428,8 +439,8 @@ def cmd_plot(args) -> int:
         written = [plots.plot_study(study, args.output or "results/study.png")]
     else:
         if args.output:
-            raise UsageError("-o is for --augment and --experiments; a run's plots go to "
-                             "RUN_DIR/plots/")
+            raise UsageError("-o is for --augment, --experiments and --curves; a run's plots "
+                             "go to RUN_DIR/plots/")
         written = plots.make_run_plots(
             args.run_dir, which=args.checkpoint, data_dir=args.data_dir, idx_dir=args.data_idx,
             download=args.download,

@@ -27,6 +27,7 @@ FIGSIZE = {
     "mistakes": (10.0, 5.6),
     "augment": (8.0, 5.6),
     "study": (8.0, 4.5),
+    "runs": (10.0, 4.0),
 }
 MISTAKES_GRID = (4, 8)  # rows, columns
 AUGMENT_IMAGES, AUGMENT_DRAWS = 8, 4  # columns; rows of augmented draws under the originals
@@ -90,6 +91,39 @@ def plot_learning_curves(rows: list[dict], out_png, *, title: str = "",
     ax_acc.legend(loc="lower right")
     fig.suptitle(title or "learning curves")
     return _save(fig, out_png)
+
+
+def plot_runs(rows_by_run: dict[str, list[dict]], out_png, *, split: str = "val",
+              title: str = "") -> Path:
+    """Loss and accuracy per epoch on `split` of several runs, one line each (by label)."""
+    fig = Figure(figsize=FIGSIZE["runs"], layout="constrained")
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for label, rows in rows_by_run.items():
+        split_rows = [r for r in rows if r["split"] == split]
+        epochs = [r["epoch"] for r in split_rows]
+        ax_loss.plot(epochs, [r["loss"] for r in split_rows], marker="o", ms=3, label=label)
+        ax_acc.plot(epochs, [100 * r["accuracy"] for r in split_rows], marker="o", ms=3,
+                    label=label)
+    for ax, name in ((ax_loss, f"{split} loss"), (ax_acc, f"{split} accuracy (%)")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    ax_loss.set_yscale("log")
+    ax_acc.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title or f"{split} curves of {len(rows_by_run)} runs")
+    return _save(fig, out_png)
+
+
+def read_runs(run_dirs: list[str | os.PathLike]) -> dict[str, list[dict]]:
+    """metrics.jsonl of each run, labelled `<experiment> seed<k>` (the folder if ambiguous)."""
+    found: dict[str, list[dict]] = {}
+    for d in map(Path, run_dirs):
+        if not (d / records.METRICS).exists():
+            raise ConfigError(f"{d}: not a run folder (no {records.METRICS})")
+        record = records.read_json(d / records.CONFIG)
+        label = f"{record['config']['name']} seed{record['seed']}"
+        found[str(d) if label in found else label] = records.read_metrics(d / records.METRICS)
+    return found
 
 
 def confusion_counts(labels, predicted, num_classes: int) -> np.ndarray:

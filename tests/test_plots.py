@@ -106,3 +106,17 @@ def test_confident_mistakes_are_the_wrong_answers_given_with_most_probability():
     labels = np.array([1, 1, 0, 0])
     assert plots.confident_mistakes(labels, probs, 5).tolist() == [3, 0, 2]
     assert plots.confusion_counts(labels, probs.argmax(1), 2).tolist() == [[0, 2], [1, 1]]
+
+
+def test_curves_of_several_runs_on_one_plot(run_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("checkpoints", "plots"))
+    runs = plots.read_runs([run_dir, other])
+    assert len(runs) == 2 and str(other) in runs  # the same experiment and seed: by folder
+    assert all(any(r["split"] == "val" for r in rows) for rows in runs.values())
+    png = tmp_path / "curves.png"
+    code, out, err = run_cli(capsys, "plot", "--curves", run_dir, other, "-o", png)
+    assert code == 0 and out.strip() == f"wrote {png}", err
+    assert_png(png, "runs")
+    code, _, err = run_cli(capsys, "plot", "--curves", run_dir, tmp_path)
+    assert code == 2 and "not a run folder" in err
