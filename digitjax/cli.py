@@ -107,12 +107,17 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a saved checkpoint of a run",
                         epilog="examples:\n  digitjax eval runs/quick/seed0\n"
-                        "  digitjax eval runs/flax_cnn/seed1 --checkpoint latest --split val\n",
+                        "  digitjax eval runs/flax_cnn/seed1 --checkpoint latest --split val\n"
+                        "  digitjax eval runs/best_bn_cnn/seed0 --tta 8 --split val\n",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("run_dir", help="a run folder, e.g. runs/quick/seed0")
     ev.add_argument("--checkpoint", default="best",
                     help="best (by validation accuracy), latest, or a step number")
     ev.add_argument("--split", default="test", choices=("test", "val"))
+    ev.add_argument("--tta", type=int, default=0, metavar="N",
+                    help="test-time augmentation: average the logits of each image and N "
+                    "augmented views (the run's augmentation, or --tta-augment)")
+    ev.add_argument("--tta-augment", metavar="NAME", help="augmentation the --tta views use")
     _data_args(ev)
     _app_parsers(sub)
     return p
@@ -354,8 +359,10 @@ def cmd_eval(args) -> int:
     from .runner import evaluate_run
 
     r = evaluate_run(args.run_dir, which=args.checkpoint, split=args.split,
-                     data_dir=args.data_dir, idx_dir=args.data_idx, download=args.download)
-    print(f"{r['run_dir']} step {r['step']} (epoch {r['epoch']:g}, {args.checkpoint}): "
+                     tta_views=args.tta, tta_augment=args.tta_augment, data_dir=args.data_dir,
+                     idx_dir=args.data_idx, download=args.download)
+    tta = f", TTA {r['tta_views']} views of {r['tta_augment']}" if r["tta_views"] else ""
+    print(f"{r['run_dir']} step {r['step']} (epoch {r['epoch']:g}, {args.checkpoint}{tta}): "
           f"{r['split']} accuracy {100 * r['accuracy']:.2f}%, loss {r['loss']:.4f}")
     return 0
 

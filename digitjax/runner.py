@@ -295,19 +295,36 @@ def _check_writable(workdir: Path) -> None:
 
 
 def evaluate_run(run_dir: Path | str, *, which: str = "best", split: str = "test",
+                 tta_views: int = 0, tta_augment: str | None = None,
                  data_dir=None, idx_dir=None, download=False) -> dict:
-    """Evaluate a saved checkpoint of a run on one split; writes eval-<step>-<split>.json."""
+    """Evaluate a saved checkpoint of a run on one split; writes eval-step<k>-<split>.json.
+
+    `tta_views` > 0: test-time augmentation, the mean logits of each image and that many
+    views drawn with the run's augmentation (or `tta_augment`), so a trained run can be
+    scored with TTA without retraining (choose the number of views on val).
+    """
     from . import checkpoint, data_device
+    from .config import apply_overrides, check_values
     from .train import Trainer
 
     if split not in ("test", "val"):
         raise ConfigError(f"--split {split!r}: expected test or val")
     run_dir = Path(run_dir)
     config, record, step, state, _ = checkpoint.restore_state(run_dir, which)
+    overrides = {"train.tta_views": str(tta_views)} if tta_views else {}
+    if tta_augment:
+        if not tta_views:
+            raise ConfigError("--tta-augment needs --tta N (the number of views)")
+        overrides["augment.name"] = tta_augment
+    if overrides:
+        config = apply_overrides(config, overrides)
+        check_values(config)
     trainer = Trainer(config, data_device.load(config, data_dir=data_dir, idx_dir=idx_dir,
                                                download=download))
     metrics = trainer.evaluate(state, split)
+    tta = (f"-tta{tta_views}-{config.augment.name}" if tta_views else "")
     result = {"run_dir": str(run_dir), "checkpoint": which, "step": step, "split": split,
-              "epoch": step / record["steps_per_epoch"], **metrics}
-    records.write_json(run_dir / f"eval-step{step}-{split}.json", result)
+              "epoch": step / record["steps_per_epoch"], "tta_views": tta_views,
+              "tta_augment": config.augment.name if tta_views else None, **metrics}
+    records.write_json(run_dir / f"eval-step{step}-{split}{tta}.json", result)
     return result

@@ -132,6 +132,18 @@ def test_eval_of_best_and_latest_checkpoints(mnist_idx, tmp_path, prepared_mnist
     assert (run_dir / f"eval-step{latest['step']}-val.json").exists()
     with pytest.raises(ConfigError, match="no checkpoint at step 5"):
         runner.evaluate_run(run_dir, which="5")
+    # Test-time augmentation of the trained run, without retraining; deterministic views.
+    with pytest.raises(ConfigError, match="needs an augmentation"):
+        runner.evaluate_run(run_dir, split="val", tta_views=2)  # the run did not augment
+    with pytest.raises(ConfigError, match="unknown augmentation 'shift'"):
+        runner.evaluate_run(run_dir, split="val", tta_views=2, tta_augment="shift")
+    tta = runner.evaluate_run(run_dir, split="val", tta_views=2, tta_augment="translate")
+    assert (tta["tta_views"], tta["tta_augment"]) == (2, "translate")
+    assert tta["loss"] != runner.evaluate_run(run_dir, split="val")["loss"]
+    again = records.read_json(run_dir / f"eval-step{tta['step']}-val-tta2-translate.json")
+    assert again == tta
+    assert runner.evaluate_run(run_dir, split="val", tta_views=2,
+                               tta_augment="translate") == tta
     with pytest.raises(ConfigError, match="not a run folder"):
         runner.evaluate_run(tmp_path)
 
