@@ -196,7 +196,7 @@ def render(study_name: str, rows: list[Row], envs: list[dict], workdir: Path | N
              "| images/s |", "|" + " --- |" * 15]
     for r in rows:
         seeds = f"{r.completed}/{r.seeds}" + (f" ({r.diverged} diverged)" if r.diverged else "")
-        acc = (f"{r.test_mean:.2f} +- {r.test_std:.2f}" if r.completed else "-")
+        acc = _mean_std(r) if r.completed else "-"
         lines.append(
             f"| {r.experiment} | {r.model} | {r.augmentation} | {seeds} | {acc} | "
             f"{_f(r.test_min, '.2f')} | {_f(r.test_max, '.2f')} | {_f(r.test_ci95, '.2f')} | "
@@ -273,7 +273,14 @@ def _selected(rows: list[Row]) -> list[str]:
         return []
     best = max(done, key=lambda r: r.val_mean)
     return [f"- Selected on validation: `{best.experiment}` (mean val {best.val_mean:.2f}%, "
-            f"test {best.test_mean:.2f} +- {best.test_std:.2f}%)"]
+            f"test {_mean_std(best, '%')})"]
+
+
+def _mean_std(r: Row, unit: str = "") -> str:
+    """Mean +- std of test accuracy; a single seed has no spread to show."""
+    if r.completed == 1:
+        return f"{r.test_mean:.2f}{unit} (1 seed)"
+    return f"{r.test_mean:.2f} +- {r.test_std:.2f}{unit}"
 
 
 def wandb_sweep_config(study_name: str) -> str:

@@ -1,6 +1,7 @@
 """Studies: deterministic shards, resumable sweeps, tables rebuilt from the records."""
 
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
@@ -40,6 +41,19 @@ def test_shards_partition_the_plan_deterministically():
 def test_ci95_uses_student_t():
     assert study.ci95(1.0, 5) == pytest.approx(2.776 / 5 ** 0.5)
     assert study.ci95(1.0, 1) != study.ci95(1.0, 1)  # nan for one value
+
+
+def test_a_single_finished_seed_shows_no_spread():
+    row = study.Row(experiment="smoke_linear", description="", model="linear",
+                    augmentation="none", seeds=2, completed=1, diverged=0, test_mean=83.5,
+                    test_std=0.0, test_min=83.5, test_max=83.5, test_ci95=float("nan"),
+                    val_mean=83.0, num_params=7850, mflops=0.02, epochs=2, train_seconds=0.1,
+                    images_per_second=1e5, ensemble=None, wall_seconds=9.0)
+    other = dataclasses.replace(row, experiment="smoke_lean_cnn", completed=2, test_std=0.1,
+                                val_mean=84.0, test_mean=90.0)
+    md = study.render("smoke", [row, other], [])[0]
+    assert "| 1/2 | 83.50 (1 seed) |" in md and "| 2/2 | 90.00 +- 0.10 |" in md
+    assert "test 90.00 +- 0.10%)" in md
 
 
 def test_sweep_is_resumable_and_the_table_is_rebuilt_from_records(prepared_mnist, tmp_path):
