@@ -95,7 +95,7 @@ STUDIES = [
     Study("best", "Candidates for the top single CNN (bn_cnn, Adam one-cycle 3e-3, label "
           "smoothing 0.1, weight EMA 0.999): affine augmentation for 15 or 30 epochs, affine + "
           "cutout, an EMA with warm-up and averaged batch-norm statistics; 5 seeds each, the "
-          "recipe chosen on validation. CPU budget ~6 h.",
+          "recipe chosen on validation. CPU budget ~9 h (~21 min per 15-epoch seed).",
           ("best_bn_cnn", "best_bn_cnn_30ep", "best_bn_cnn_cutout", "best_bn_cnn_ema")),
     Study("fashion", "Fashion-MNIST with the architectures recipe, 5 epochs, 5 seeds.",
           ("fmnist_flax_cnn", "fmnist_bn_cnn_half")),
