@@ -200,19 +200,19 @@ def _app_parsers(sub) -> None:
 
 def _execution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", choices=PARALLEL_MODES, default="auto",
-                     help="how seeds share the hardware. vmap: all seeds in one vmapped "
-                     "program; devices: one seed per local device; off: one after another; "
-                     "auto (default): vmap on GPU/TPU, devices on CPU when there are several")
+                   help="how seeds share the hardware. vmap: all seeds in one vmapped "
+                   "program; devices: one seed per local device; off: one after another; "
+                   "auto (default): vmap on GPU/TPU, devices on CPU when there are several")
     p.add_argument("--data-parallel", default="auto", metavar="auto|off|N",
-                     help="split each step's batch over devices, the state replicated (seeds "
-                     "then train one after another). auto (default): every device on GPU/TPU "
-                     "or across processes, off on CPU; N: N devices (on CPU, N host devices "
-                     "sharing the cores)")
+                   help="split each step's batch over devices, the state replicated (seeds "
+                   "then train one after another). auto (default): every device on GPU/TPU "
+                   "or across processes, off on CPU; N: N devices (on CPU, N host devices "
+                   "sharing the cores)")
     p.add_argument("--distributed", action="store_true",
-                     help="one process of a multi-process run (jax.distributed): from "
-                     "$DIGITJAX_COORDINATOR=host:port, $DIGITJAX_NUM_PROCESSES and "
-                     "$DIGITJAX_PROCESS_ID, or a cluster JAX detects (Slurm, Open MPI, TPU); "
-                     "only process 0 writes the run records")
+                   help="one process of a multi-process run (jax.distributed): from "
+                   "$DIGITJAX_COORDINATOR=host:port, $DIGITJAX_NUM_PROCESSES and "
+                   "$DIGITJAX_PROCESS_ID, or a cluster JAX detects (Slurm, Open MPI, TPU); "
+                   "only process 0 writes the run records")
 
 
 def _start_execution(args) -> str | int:

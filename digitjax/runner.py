@@ -322,7 +322,7 @@ def evaluate_run(run_dir: Path | str, *, which: str = "best", split: str = "test
     trainer = Trainer(config, data_device.load(config, data_dir=data_dir, idx_dir=idx_dir,
                                                download=download))
     metrics = trainer.evaluate(state, split)
-    tta = (f"-tta{tta_views}-{config.augment.name}" if tta_views else "")
+    tta = f"-tta{tta_views}-{config.augment.name}" if tta_views else ""
     result = {"run_dir": str(run_dir), "checkpoint": which, "step": step, "split": split,
               "epoch": step / record["steps_per_epoch"], "tta_views": tta_views,
               "tta_augment": config.augment.name if tta_views else None, **metrics}
