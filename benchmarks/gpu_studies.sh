@@ -3,9 +3,10 @@
 # process training one experiment's 5 seeds at a time in one vmapped program; the lanes run
 # side by side, so one lane's compile, evaluation and checkpoint writes overlap another's
 # training. At the budget every lane gets SIGTERM (saves, resumable: rerun to continue).
-# Records land in $RUNS/<study>_KIND (default results/runs), tables in results/<study>_KIND.md.
-# Compiled programs are cached in $JAX_COMPILATION_CACHE_DIR, so a continuation on the same
-# machine does not compile again.
+# Records and each experiment's ensemble.json land in $RUNS/<study>_KIND (default
+# results/runs), tables in results/<study>_KIND.md.
+# JAX's compilation cache is kept in $JAX_COMPILATION_CACHE_DIR for a continuation on the
+# same machine.
 #
 #   bash benchmarks/gpu_studies.sh h200 [SECONDS]   # default 540
 #
@@ -42,6 +43,8 @@ lane() {  # study experiment...
     timeout --signal=TERM --kill-after=45 "$left" \
       $py -m digitjax run "$e" --seeds 0-4 --parallel vmap --no-progress --no-plots \
       --wandb off --workdir "$runs/${study}_$kind" || return
+    # The ensemble needs the checkpoints, which stay on this machine: record it here.
+    $py -m digitjax ensemble "$e" --workdir "$runs/${study}_$kind" || return
     echo "=== $e done $((SECONDS - start)) s"
   done
 }

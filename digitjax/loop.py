@@ -119,6 +119,7 @@ class TrainingLoop:
             "window": checkpoint.to_json_floats(window),
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
+            "wall_seconds": time.perf_counter() - self.t_start,
         }
 
     def _resume(self, ckpts: checkpoint.RunCheckpoints):
@@ -146,6 +147,9 @@ class TrainingLoop:
                               "use --fresh or another --workdir")
         self.best, self.last_eval = meta["best"], meta["last_eval"]
         self.train_seconds, self.eval_seconds = meta["train_seconds"], meta["eval_seconds"]
+        # Row times and total_seconds go on from the earlier attempts' wall (up to this
+        # checkpoint), as train_seconds does; older checkpoints did not record it.
+        self.t_start -= meta.get("wall_seconds", 0.0)
         records.truncate_metrics(self.metrics_path, step)
         return state, step, checkpoint.from_json_floats(meta["window"])
 

@@ -189,3 +189,22 @@ def test_resume_restores_the_weight_average(mnist_idx, tmp_path, ema):
     latest = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
     shutil.rmtree(ckpt_dir / str(latest))  # resume from an earlier checkpoint
     assert strip(tr.fit(0, run_dir, progress=False)) == strip(reference)
+
+
+def test_a_resumed_run_counts_the_wall_time_of_earlier_attempts(mnist_idx, tmp_path):
+    import shutil
+
+    tr = small_trainer(mnist_idx, "checkpoint.keep=3")
+    first = tr.fit(0, tmp_path, progress=False)
+    (tmp_path / records.SUMMARY).unlink()
+    ckpt_dir = tmp_path / checkpoint.CHECKPOINTS
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    shutil.rmtree(ckpt_dir / str(steps[-1]))  # resume from an earlier checkpoint
+    resumed = tr.fit(0, tmp_path, progress=False)
+    rows = records.read_metrics(tmp_path / records.METRICS)
+    times = [r["time"] for r in rows]
+    # The second attempt's rows go on from the first attempt's clock (compiled programs are
+    # cached in this process, so without that they would start again near zero).
+    assert times == sorted(times) and any(r["step"] > steps[-2] for r in rows)
+    assert resumed["total_seconds"] > max(r["time"] for r in rows if r["step"] <= steps[-2])
+    assert resumed["final_param_hash"] == first["final_param_hash"]
