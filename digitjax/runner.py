@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import signal
@@ -127,31 +128,24 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
         lock = threading.Lock()
 
         def train_one(tr, seed, run_dir, state, stop, position):
-            try:
-                with records.run_lock(run_dir):
-                    if not fresh:  # another process may have run it since we looked
-                        state = check_run_dir(run_dir, config)
-                    if state == "finished":
-                        with lock:
-                            summaries[seed] = records.read_json(run_dir / records.SUMMARY)
-                        echo(f"{config.name} seed{seed}: finished by another process")
-                        return
-                    if state == "unfinished":
-                        echo(f"{config.name} seed{seed}: resuming from the latest checkpoint "
-                             f"in {run_dir}")
-                    loggers = make_loggers(seed, run_dir) if make_loggers else []
+            with contextlib.ExitStack() as locks:
+                state = _claim(locks, config, seed, run_dir, state, fresh=fresh,
+                               skip_locked=skip_locked, echo=echo)
+                if state is None:
+                    return
+                if state == "finished":
+                    with lock:
+                        summaries[seed] = records.read_json(run_dir / records.SUMMARY)
+                    return
+                loggers = make_loggers(seed, run_dir) if make_loggers else []
+                try:
                     summary = tr.fit(seed, run_dir, progress=progress, loggers=loggers,
                                      extra_config={"overrides": overrides},
                                      resume=state != "new", stop=stop, position=position,
                                      plots=plots)
-            except records.RunLocked as e:
-                if not skip_locked:
+                except Interrupted as e:
+                    echo(_resume_hint(config, seed, run_dir, e, overrides, workdir))
                     raise
-                echo(f"{config.name} seed{seed}: skipped, {e}")
-                return
-            except Interrupted as e:
-                echo(_resume_hint(config, seed, run_dir, e, overrides, workdir))
-                raise
             with lock:
                 summaries[seed] = summary
                 echo(format_summary(summary, run_dir))
@@ -207,32 +201,45 @@ def _resume_hint(config: Config, seed: int, run_dir: Path, e: Interrupted, overr
             f"with: digitjax run {config.name} --seed {seed}{sets} --workdir {workdir}")
 
 
+def _claim(locks: contextlib.ExitStack, config: Config, seed: int, run_dir: Path, state: str,
+           *, fresh: bool, skip_locked: bool, echo) -> str | None:
+    """Take `run_dir`'s lock (held until `locks` closes) and look at the folder again.
+
+    Returns its state ("new", "unfinished" or "finished": another process may have run it
+    since the plan was made), or None to skip it: another process holds its lock.
+    """
+    try:
+        locks.enter_context(records.run_lock(run_dir))
+    except records.RunLocked as e:
+        if not skip_locked:
+            raise
+        echo(f"{config.name} seed{seed}: skipped, {e}")
+        return None
+    if not fresh:
+        state = check_run_dir(run_dir, config)
+    if state == "finished":
+        echo(f"{config.name} seed{seed}: finished by another process")
+    elif state == "unfinished":
+        echo(f"{config.name} seed{seed}: resuming from the latest checkpoint in {run_dir}")
+    return state
+
+
 def _run_group(trainer, config: Config, todo: list, *, fresh: bool, skip_locked: bool,
                make_loggers, echo, echo_summary, progress: bool, overrides: dict,
                workdir: Path, plots: bool) -> None:
     """Train the `todo` seeds as one vmapped group, each holding its run folder's lock."""
-    import contextlib
-
     from .group import fit_group
 
     with contextlib.ExitStack() as locks:
         runs = []
         for seed, run_dir, state in todo:
-            try:
-                locks.enter_context(records.run_lock(run_dir))
-            except records.RunLocked as e:
-                if not skip_locked:
-                    raise
-                echo(f"{config.name} seed{seed}: skipped, {e}")
+            state = _claim(locks, config, seed, run_dir, state, fresh=fresh,
+                           skip_locked=skip_locked, echo=echo)
+            if state is None:
                 continue
-            if not fresh:  # another process may have run it since we looked
-                state = check_run_dir(run_dir, config)
             if state == "finished":
-                echo(f"{config.name} seed{seed}: finished by another process")
                 echo_summary(records.read_json(run_dir / records.SUMMARY), run_dir)
                 continue
-            if state == "unfinished":
-                echo(f"{config.name} seed{seed}: resuming from the latest checkpoint in {run_dir}")
             loggers = make_loggers(seed, run_dir) if make_loggers else []
             runs.append((seed, run_dir, state != "new", loggers))
         if not runs:
