@@ -11,6 +11,7 @@ never restores and cleans at start-up.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import jax
@@ -24,6 +25,17 @@ from .config import ConfigError, from_dict
 
 # Orbax logs routine decisions (read-only options, saves without metrics) as warnings.
 absl_logging.set_verbosity(absl_logging.ERROR)
+
+
+def _not_an_os_error(record: logging.LogRecord) -> bool:
+    """False for Orbax's logs of a failed write (a full disk: hundreds of lines from its
+    threads). The error reaches the caller too, and `digitjax` reports it in one line."""
+    exc = record.exc_info[1] if record.exc_info else None
+    text = f"{record.getMessage()} {exc or ''}"
+    return not (isinstance(exc, OSError) or "[os_error_code=" in text)
+
+
+logging.getLogger("absl").addFilter(_not_an_os_error)
 
 CHECKPOINTS = "checkpoints"
 FORMAT = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from .config import PARALLEL_MODES
@@ -472,8 +473,12 @@ def _storage_error(e: BaseException) -> str | None:
         if isinstance(err, OSError):
             where = f"{err.filename}: " if err.filename else ""
             return f"{where}{err.strerror or err}"
-        if err is not None and "[os_error_code=" in str(err):
-            return " ".join(str(err).split())
+        code = re.search(r"\[os_error_code='?(\d+)", str(err)) if err is not None else None
+        if code:
+            # Name the checkpoint being written, not TensorStore's file inside it.
+            path = re.search(r'local file "([^"]+)"', str(err))
+            where = re.sub(r"\.orbax-checkpoint-tmp.*", "", path.group(1)) + ": " if path else ""
+            return f"{where}{os.strerror(int(code.group(1)))}"
     return None
 
 

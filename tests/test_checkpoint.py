@@ -208,3 +208,31 @@ def test_a_resumed_run_counts_the_wall_time_of_earlier_attempts(mnist_idx, tmp_p
     assert times == sorted(times) and any(r["step"] > steps[-2] for r in rows)
     assert resumed["total_seconds"] > max(r["time"] for r in rows if r["step"] <= steps[-2])
     assert resumed["final_param_hash"] == first["final_param_hash"]
+
+
+def test_a_failed_checkpoint_write_is_one_line_naming_the_checkpoint(caplog):
+    """TensorStore reports a full disk as a ValueError; Orbax logs it from each thread."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    from digitjax.cli import _storage_error
+
+    tensorstore = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "params.w/0.0" in OCDBT database at local file '
+        '"/w/quick/seed0/checkpoints/16.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/'
+        'ocdbt.process_0/": Failed to write 2032345 bytes to file 5: No space left on device '
+        "[os_error_code='28']")
+    assert _storage_error(tensorstore) == ("/w/quick/seed0/checkpoints/16: "
+                                           "No space left on device")
+    assert _storage_error(OSError(28, "No space left on device", "/w/x.json")) == (
+        "/w/x.json: No space left on device")
+    assert _storage_error(ValueError("a bug")) is None  # not a storage error: a traceback
+    with caplog.at_level(logging.ERROR, logger="absl"):
+        absl_logging.error("save thread raised an exception: %s", tensorstore)
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            absl_logging.exception("commit failed")
+        absl_logging.error("something else broke")
+    assert [r.getMessage() for r in caplog.records] == ["something else broke"]
