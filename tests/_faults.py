@@ -26,6 +26,8 @@ SMALL = ["data.train_split=train[:2048]", "data.val_split=train[55000:56000]",
          "train.steps_per_call=4", "train.log_every_steps=8", "checkpoint.every_steps=8",
          "checkpoint.keep=1"]
 
+RUN_FLAGS = ["--no-progress", "--no-plots", "--wandb", "off"]
+
 # What the fault tests tried and how it ended, summed over the session.
 TALLY: collections.Counter = collections.Counter()
 FAULT_SEED = {"seed": None}  # the seed of the random kill moments, set by a fixture

@@ -77,7 +77,7 @@ def run_dir(tmp_path_factory, mnist_idx):
     return tiny_run(tmp_path_factory, mnist_idx)
 
 
-# -- fault tests (tests/test_faults.py, tests/test_checkpoint.py) -------------------------
+# -- fault tests (tests/test_faults.py, test_bad_input.py, test_checkpoint.py) ----------
 
 def pytest_addoption(parser):
     parser.addoption("--soak", action="store_true",
@@ -118,6 +118,30 @@ def small_run_reference(cli_env, tmp_path_factory):
     code, _, err = _faults.finish(_faults.start(workdir, cli_env))
     assert code == 0, err
     return _faults.final_records(_faults.run_dir_of(workdir))
+
+
+@pytest.fixture
+def fault_study(monkeypatch):
+    """The test study of tests/_faults.py registered: a run that diverges, two that do not."""
+    import _faults
+
+    _faults.install_fault_study(monkeypatch.setattr)
+
+
+@pytest.fixture(scope="session")
+def fault_sweep(prepared_mnist, tmp_path_factory):
+    """(workdir, echoed lines) of the uninterrupted sweep of the test study, in-process."""
+    import _faults
+
+    from digitjax import study
+
+    workdir = tmp_path_factory.mktemp("fault_sweep")
+    lines = []
+    with pytest.MonkeyPatch.context() as mp:
+        _faults.install_fault_study(mp.setattr)
+        study.sweep(_faults.STUDY, workdir=workdir, echo=lines.append, progress=False,
+                    plots=False, make_loggers=None, parallel="off")
+    return workdir, lines
 
 
 def pytest_terminal_summary(terminalreporter):
