@@ -262,6 +262,21 @@ def _check_split(info: DatasetInfo, split: str, images, labels, source: str) -> 
     return digest
 
 
+@contextlib.contextmanager
+def _remove_new_empty_folders(folders: list[Path]) -> Iterator[None]:
+    """On failure, removes those of `folders` that did not exist before and hold no file
+    (a failed TFDS preparation leaves its empty folders behind)."""
+    new = [f for f in folders if not f.exists()]
+    try:
+        yield
+    except BaseException:
+        for top in new:
+            for parent, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+                with contextlib.suppress(OSError):  # not empty: keep it
+                    os.rmdir(parent)
+        raise
+
+
 def _prepare_tfds(
     info: DatasetInfo,
     data_dir: Path,
@@ -298,7 +313,8 @@ def _prepare_tfds(
         check=check,
     )
     log.info("preparing %s in %s from %s (%s)", info.name, builder.data_dir, folder, origin)
-    with _tfds_output(progress):
+    with _tfds_output(progress), _remove_new_empty_folders(
+            [data_dir / "downloads", data_dir / info.name, data_dir]):
         builder.download_and_prepare(
             # No GCS probe: it is a network call, and the bucket holds TFDS's own encoding.
             download_config=tfds.download.DownloadConfig(try_download_gcs=False),

@@ -271,8 +271,8 @@ def test_corrupt_idx_files_are_one_line_and_prepare_nothing(case, capsys, shared
     assert_refused(capsys, ["run", "fashion_flax_cnn", "--seed", "0", "--data-idx", str(idx_dir),
                             "--data-dir", str(data_dir), "--workdir", str(workdir), *RUN_FLAGS],
                    fragment, workdir, CORRUPT)
-    # TFDS leaves empty folders behind (downloads/, fashion_mnist/), but no file.
-    assert not [p for p in data_dir.rglob("*") if p.is_file()]
+    # Nothing is left behind, not even the empty folders TFDS made before it failed.
+    assert not data_dir.exists(), sorted(data_dir.rglob("*"))
 
 
 def _records_cut(version_dir):
