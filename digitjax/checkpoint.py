@@ -30,8 +30,13 @@ absl_logging.set_verbosity(absl_logging.ERROR)
 def _not_an_os_error(record: logging.LogRecord) -> bool:
     """False for Orbax's logs of a failed write (a full disk: hundreds of lines from its
     threads). The error reaches the caller too, and `digitjax` reports it in one line."""
+    if "orbax" not in record.pathname or record.levelno >= logging.CRITICAL:
+        return True
     exc = record.exc_info[1] if record.exc_info else None
-    text = f"{record.getMessage()} {exc or ''}"
+    try:
+        text = f"{record.getMessage()} {exc or ''}"
+    except Exception:  # noqa: BLE001 - a malformed record is not ours to drop
+        return True
     return not (isinstance(exc, OSError) or "[os_error_code=" in text)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -80,9 +81,14 @@ def fit_group(trainer: Trainer, runs: list[tuple[int, Path, bool, list]], *,
     by_step = defaultdict(list)
     for i, (_, step, _) in enumerate(opened):
         by_step[step].append(i)
+    ready = time.perf_counter()
     try:
         with (stop or StopOnSignal()) as stop:
             for step, idx in sorted(by_step.items()):
+                # A later subgroup's clock skips the time it waited for the earlier ones.
+                waited = time.perf_counter() - ready
+                for i in idx:
+                    members[i].t_start += waited
                 _fit_lockstep(g, [members[i] for i in idx], [opened[i] for i in idx], step,
                               stop)
     finally:

@@ -21,6 +21,12 @@ from .train import Diverged, Trainer, chunk_sizes, crossed, param_hash
 _PLOT_LOCK = threading.Lock()
 
 
+def _reason(e: Exception) -> str:
+    """An exception in a few words: its type and the start of its first line."""
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 class TrainingLoop:
     def __init__(self, trainer: Trainer, seed: int, run_dir: Path, *, progress: bool,
                  extra_config: dict, loggers: list | None = None, stop=None,
@@ -134,7 +140,7 @@ class TrainingLoop:
                 state, meta = ckpts.restore(step, tr.abstract_state())
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint
                 print(f"digitjax: warning: checkpoint {step} in {ckpts.directory} is "
-                      f"unreadable ({type(e).__name__}); trying an earlier one", file=sys.stderr)
+                      f"unreadable ({_reason(e)}); trying an earlier one", file=sys.stderr)
                 continue
             break
         else:

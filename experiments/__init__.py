@@ -102,9 +102,10 @@ STUDIES = [
           "recipe chosen on validation. CPU budget ~9 h (~21 min per 15-epoch seed).",
           ("best_bn_cnn", "best_bn_cnn_30ep", "best_bn_cnn_cutout", "best_bn_cnn_ema")),
     Study("long", "The best recipe for 60 epochs (affine, or affine + cutout), 5 seeds each, "
-          "chosen on validation. Sized for an accelerator: ~2.5 min of training per experiment's 5 "
-          "seeds on an H200 (best_bn_cnn's 15 epochs take 36 s); CPU budget ~14 h (~84 min "
-          "per seed).", ("long_bn_cnn", "long_bn_cnn_cutout")),
+          "chosen on validation. Sized for an accelerator: on an H200 alone, ~2.5 min of training "
+          "per experiment's 5 seeds (estimated: best_bn_cnn's 15 epochs take 36 s); CPU "
+          "budget ~14 h (~84 min per seed, estimated likewise).",
+          ("long_bn_cnn", "long_bn_cnn_cutout")),
     Study("fashion", "Fashion-MNIST with the architectures recipe, 5 epochs, 5 seeds.",
           ("fmnist_flax_cnn", "fmnist_bn_cnn_half")),
     Study("smoke", "Two small models on 4,096 MNIST images, 2 epochs, 2 seeds: small enough "

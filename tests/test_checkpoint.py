@@ -1,6 +1,7 @@
 """Checkpoints: kill a real run anywhere, resume, and get the uninterrupted run's records."""
 
 import random
+import re
 import signal
 import time
 
@@ -148,7 +149,7 @@ def test_eval_of_best_and_latest_checkpoints(mnist_idx, tmp_path, prepared_mnist
         runner.evaluate_run(tmp_path)
 
 
-def test_a_damaged_checkpoint_falls_back_to_the_one_before(mnist_idx, tmp_path):
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(mnist_idx, tmp_path, capsys):
     tr = small_trainer(mnist_idx, "checkpoint.keep=3")
     reference = tr.fit(0, tmp_path / "ref", progress=False)
     run_dir = tmp_path / "run"
@@ -159,8 +160,13 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(mnist_idx, tmp_path):
     for f in (run_dir / checkpoint.CHECKPOINTS / str(steps[-1]) / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
+    capsys.readouterr()
     resumed = tr.fit(0, run_dir, progress=False)
     assert strip(resumed) == strip(reference)
+    # One warning line that says why, not just the exception's type.
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "unreadable" in line]
+    assert warning.startswith(f"digitjax: warning: checkpoint {steps[-1]} ")
+    assert re.search(r"unreadable \(\w+: .+\); trying an earlier one$", warning), warning
 
 
 def test_checkpoint_cadence_does_not_change_the_numbers(mnist_idx, tmp_path):
@@ -214,8 +220,6 @@ def test_a_failed_checkpoint_write_is_one_line_naming_the_checkpoint(caplog):
     """TensorStore reports a full disk as a ValueError; Orbax logs it from each thread."""
     import logging
 
-    from absl import logging as absl_logging
-
     from digitjax.cli import _storage_error
 
     tensorstore = ValueError(
@@ -228,11 +232,16 @@ def test_a_failed_checkpoint_write_is_one_line_naming_the_checkpoint(caplog):
     assert _storage_error(OSError(28, "No space left on device", "/w/x.json")) == (
         "/w/x.json: No space left on device")
     assert _storage_error(ValueError("a bug")) is None  # not a storage error: a traceback
+    absl = logging.getLogger("absl")
+
+    def log(message, exc=None, where="site-packages/orbax/checkpoint/_src/futures/future.py"):
+        absl.handle(absl.makeRecord("absl", logging.ERROR, where, 1, message, (),
+                                    (type(exc), exc, None) if exc else None))
+
     with caplog.at_level(logging.ERROR, logger="absl"):
-        absl_logging.error("save thread raised an exception: %s", tensorstore)
-        try:
-            raise OSError(28, "No space left on device")
-        except OSError:
-            absl_logging.exception("commit failed")
-        absl_logging.error("something else broke")
-    assert [r.getMessage() for r in caplog.records] == ["something else broke"]
+        log(f"save thread raised an exception: {tensorstore}")
+        log("commit failed", OSError(28, "No space left on device"))
+        log("something else broke")
+        log(f"not Orbax: {tensorstore}", where="site-packages/tensorflow_datasets/core/x.py")
+    assert [r.getMessage() for r in caplog.records] == ["something else broke",
+                                                         f"not Orbax: {tensorstore}"]
