@@ -5,7 +5,8 @@
 # training. Each lane's run gets SIGTERM 70 s before the budget (it saves and exits:
 # resumable) and SIGKILL 40 s before; the rest is for the tables. Exit status: 0 all done,
 # 3 stopped at the budget (run it again on the same machine to continue), 1 a failure.
-# Records and each experiment's ensemble.json land in $RUNS/<study>_KIND (default
+# Records and each experiment's ensemble.json (`digitjax run` records it here, where the
+# checkpoints are, once all 5 seeds have finished) land in $RUNS/<study>_KIND (default
 # results/runs), tables in results/<study>_KIND.md.
 # JAX's compilation cache is kept in $JAX_COMPILATION_CACHE_DIR for a continuation on the
 # same machine.
@@ -58,11 +59,6 @@ lane() {  # study experiment... -> 0: all done, 3: stopped at the budget, 1: fai
       124|137) echo "=== $e stopped at the budget $((SECONDS - start)) s"; return 3 ;;
       *) echo "=== $e failed (exit $code)"; return 1 ;;
     esac
-    # The ensemble needs the checkpoints, which stay on this machine: record it here.
-    left=$((stop_at - (SECONDS - start)))
-    [ "$left" -gt 5 ] || return 3
-    timeout --kill-after=5 "$left" $py -m digitjax ensemble "$e" --workdir "$w" ||
-      echo "=== $e: no ensemble recorded"
     echo "=== $e done $((SECONDS - start)) s"
   done
 }

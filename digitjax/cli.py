@@ -281,7 +281,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import registry, runner, wandb_log
+    from . import ensemble, records, registry, runner, wandb_log
     from .config import ConfigError, parse_override, parse_seeds
 
     data_parallel = _start_execution(args)
@@ -302,6 +302,10 @@ def cmd_run(args) -> int:
         idx_dir=args.data_idx, download=args.download,
         make_loggers=wandb_log.make_loggers(args.wandb), parallel=args.parallel,
         plots=not args.no_plots, data_parallel=data_parallel, echo=_echo())
+    if not overrides:  # record the ensemble of its seeds once all have finished
+        ensemble.record_if_complete(
+            name, args.workdir or records.default_workdir(), _echo(),
+            data_dir=args.data_dir, idx_dir=args.data_idx, download=args.download)
     return 0 if all(s.get("status") == "completed" for s in summaries) else 1
 
 

@@ -2,7 +2,8 @@
 
 Each seed contributes the checkpoint it reports (chosen on validation), so the ensemble
 involves no choice made on test. The result is written next to the seeds' folders as
-`<workdir>/<experiment>/ensemble.json`, where tables pick it up.
+`<workdir>/<experiment>/ensemble.json`, where tables pick it up. `run` and `sweep` record
+it once every seed of an experiment has finished (`record_if_complete`).
 """
 
 from __future__ import annotations
@@ -38,12 +39,51 @@ def ensemble(experiment: str, workdir: Path | str, *, split: str = "test", data_
         model, record = checkpoint.load_model(run_dir, which)
         logits = _logits(model, images, config.train.eval_batch_size, steps.to_float)
         total = logits if total is None else total + logits
+        summary = records.read_json(run_dir / records.SUMMARY)
         members.append({"run_dir": str(run_dir), "step": record["checkpoint_step"],
+                        "final_param_hash": summary.get("final_param_hash"),
                         "accuracy": _accuracy(logits, labels, mask)})
     result = {"experiment": experiment, "split": split, "seeds": len(done),
               "accuracy": _accuracy(total / len(done), labels, mask), "members": members}
     records.write_json(Path(workdir) / experiment / ENSEMBLE, result)
     return result
+
+
+def record_if_complete(experiment: str, workdir: Path | str, echo=print,
+                       **data_kwargs) -> dict | None:
+    """Record the ensemble once every seed of `experiment` has finished in `workdir`.
+
+    An existing record is kept while it describes the same runs; a seed retrained since
+    (`--fresh`) makes it stale and it is rebuilt. Returns the new record, if any.
+    """
+    config = registry.get(experiment).config
+    run_dirs = [records.run_dir(workdir, experiment, s, {}) for s in config.seeds]
+    if len(run_dirs) < 2:
+        return None
+    summaries = []
+    for run_dir in run_dirs:
+        path = run_dir / records.SUMMARY
+        if not path.exists() or not (run_dir / checkpoint.CHECKPOINTS).exists():
+            return None
+        summaries.append(records.read_json(path))
+        if summaries[-1].get("status") != "completed":
+            return None
+    path = Path(workdir) / experiment / ENSEMBLE
+    if path.exists() and _describes(records.read_json(path), summaries):
+        return None
+    result = ensemble(experiment, workdir, **data_kwargs)
+    echo(f"{experiment}: ensemble of {result['seeds']} seeds: test accuracy "
+         f"{100 * result['accuracy']:.2f}% | {path}")
+    return result
+
+
+def _describes(record: dict, summaries: list[dict]) -> bool:
+    """Whether an ensemble record was made from these runs (older records lack the hash)."""
+    members = record.get("members", [])
+    return len(members) == len(summaries) and all(
+        m.get("step") == s.get("selected_step")
+        and m.get("final_param_hash", s.get("final_param_hash")) == s.get("final_param_hash")
+        for m, s in zip(members, summaries, strict=True))
 
 
 def _logits(model, images, batch: int, to_float) -> jax.Array:

@@ -54,6 +54,7 @@ def plan(study_name: str, shard: str | None = None) -> list[tuple[str, int]]:
 def sweep(study_name: str, *, workdir=None, shard=None, dry_run=False, echo=print,
           **run_kwargs) -> list[dict]:
     """Run this shard of a study; returns the summaries of the runs it finished or found."""
+    from .ensemble import record_if_complete
     from .runner import run_experiment
 
     workdir = Path(workdir) if workdir else default_workdir(study_name)
@@ -71,22 +72,9 @@ def sweep(study_name: str, *, workdir=None, shard=None, dry_run=False, echo=prin
         config = registry.resolve(name, seeds=tuple(seeds))
         summaries += run_experiment(config, overrides={}, workdir=workdir, echo=echo,
                                     skip_locked=True, **run_kwargs)
-        _maybe_ensemble(name, workdir, echo)
+        data = {k: run_kwargs[k] for k in ("data_dir", "idx_dir", "download") if k in run_kwargs}
+        record_if_complete(name, workdir, echo, **data)
     return summaries
-
-
-def _maybe_ensemble(name: str, workdir: Path, echo) -> None:
-    """Once every seed of an experiment is finished here, record their ensemble."""
-    from .ensemble import ENSEMBLE, ensemble
-
-    config = registry.get(name).config
-    dirs = [records.run_dir(workdir, name, s, {}) for s in config.seeds]
-    if len(dirs) < 2 or (workdir / name / ENSEMBLE).exists():
-        return
-    if all(_state(d) == "completed" and (d / "checkpoints").exists() for d in dirs):
-        result = ensemble(name, workdir)
-        echo(f"{name}: ensemble of {result['seeds']} seeds: test accuracy "
-             f"{100 * result['accuracy']:.2f}%")
 
 
 def _state(run_dir: Path) -> str:

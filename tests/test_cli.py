@@ -131,3 +131,30 @@ def test_no_progress_keeps_a_first_run_quiet_while_tfds_prepares(tmp_path):
     assert (tmp_path / "tfds" / "mnist").is_dir()  # it did prepare
     assert "smoke_linear seed0: test accuracy" in proc.stdout
     assert proc.stderr == ""
+
+
+def test_run_records_the_ensemble_once_every_seed_has_finished(capsys, prepared_mnist, tmp_path):
+    from digitjax import records
+
+    flags = ("--workdir", tmp_path, "--no-progress", "--no-plots", "--wandb", "off")
+    ensemble = tmp_path / "smoke_linear" / "ensemble.json"
+    code, out, _ = run_cli(capsys, "run", "smoke_linear", "--seed", "0", *flags)
+    assert code == 0 and not ensemble.exists()  # seed 1 of the experiment is still to run
+    code, out, _ = run_cli(capsys, "run", "smoke_linear", "--seed", "1", *flags)
+    assert code == 0 and "smoke_linear: ensemble of 2 seeds: test accuracy" in out
+    record = records.read_json(ensemble)
+    hashes = [records.read_json(tmp_path / "smoke_linear" / f"seed{s}" / "summary.json")
+              ["final_param_hash"] for s in (0, 1)]
+    assert [m["final_param_hash"] for m in record["members"]] == hashes
+    # Nothing retrained: the record still describes the runs and is kept as it is.
+    code, out, _ = run_cli(capsys, "run", "smoke_linear", *flags)
+    assert code == 0 and "ensemble of" not in out
+    # A record made from other runs (a seed retrained since) is stale and is rebuilt.
+    record["members"][0]["final_param_hash"] = "0" * 16
+    records.write_json(ensemble, {**record, "accuracy": 0.0})
+    code, out, _ = run_cli(capsys, "run", "smoke_linear", *flags)
+    assert "ensemble of 2 seeds" in out
+    assert records.read_json(ensemble)["accuracy"] > 0.5
+    # A run with overrides is another config: no ensemble of it is recorded.
+    code, out, _ = run_cli(capsys, "run", "smoke_linear", "--set", "train.epochs=1", *flags)
+    assert code == 0 and "ensemble of" not in out
