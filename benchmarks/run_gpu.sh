@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU figures, in one go (~8 min on an H100): benchmarks into results/benchmarks_KIND.md
-# and .jsonl, and the `best` study into results/runs/best_KIND + results/best_KIND.md.
+# The GPU figures, in one go: benchmarks into results/benchmarks_KIND.md and .jsonl (~4 min
+# on an H100), then the `best` and `long` studies with what is left of the budget
+# (benchmarks/gpu_studies.sh: records in results/runs/<study>_KIND, tables in
+# results/<study>_KIND.md; exit 3 when stopped at the budget, rerun to continue).
 #
-#   bash benchmarks/run_gpu.sh h100 [SECONDS]   # SECONDS: wall budget (default 480); the
-#                                              # study gets what is left and resumes later
+#   bash benchmarks/run_gpu.sh h100 [SECONDS]   # SECONDS: wall budget (default 480)
 # Everything here also runs on CPU, far slower. Benchmarks run with --force: a GPU
 # machine's load average says nothing about its GPU.
 set -u
@@ -46,11 +47,14 @@ step "5 seeds: one after another vs one vmapped program"
 $py benchmarks/seeds.py --modes sequential,vmap --results "benchmarks_$kind" --force \
   --timeout 300
 
-left=$((budget - (SECONDS - start) - 20))
-step "the best study, ${left} s budget (resumable)"
-if [ "$left" -gt 60 ]; then
-  timeout --signal=TERM "$left" $py -m digitjax sweep best --parallel vmap --no-progress \
-    --no-plots --wandb off --workdir "results/runs/best_$kind"
+left=$((budget - (SECONDS - start)))
+if [ "$left" -gt 150 ]; then
+  step "the best and long studies, ${left} s budget (benchmarks/gpu_studies.sh; resumable)"
+  bash benchmarks/gpu_studies.sh "$kind" "$left"
+  code=$?
+else
+  step "no time left for the studies (run: bash benchmarks/gpu_studies.sh $kind)"
+  code=3
 fi
-$py -m digitjax table best --workdir "results/runs/best_$kind"
 step done
+exit $code
