@@ -304,6 +304,12 @@ def train_lockstep(tr: Trainer, members: list[TrainingLoop], state, step: int, w
         for i, w in windows().items():
             members[i].save(take(state, i), step, w, force=force)
 
+    def count_train_time(t0: float) -> float:
+        now = time.perf_counter()
+        for i in live:
+            members[i].train_seconds += now - t0
+        return now
+
     for epoch in range(first_epoch, cfg.train.epochs):
         t0 = time.perf_counter()
         perm = tr.permutation(keys, epoch)
@@ -329,18 +335,18 @@ def train_lockstep(tr: Trainer, members: list[TrainingLoop], state, step: int, w
                     return state, step
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.4f}")
             bar.update(n)
-            if not at_epoch_end and step in members[0].save_steps:
-                save_all()
-            if stop.requested:
-                for i in live:
-                    members[i].train_seconds += time.perf_counter() - t0
-                save_all(force=True)
+            if at_epoch_end:
+                break  # evaluated and saved below, and stopped there if asked to
+            requested = stop.requested  # read once: a signal may arrive at any moment
+            if step in members[0].save_steps or requested:
+                t0 = count_train_time(t0)  # a checkpoint carries the time trained so far
+                save_all(force=bool(requested))
+            if requested:
                 for i in live:
                     members[i].ckpts.wait()
-                raise Interrupted(step, stop.requested)
+                raise Interrupted(step, requested)
         jax.block_until_ready(state)
-        for i in live:
-            members[i].train_seconds += time.perf_counter() - t0
+        count_train_time(t0)
         last = epoch + 1 == cfg.train.epochs
         for i in live:
             member, val = members[i], None
@@ -357,10 +363,11 @@ def train_lockstep(tr: Trainer, members: list[TrainingLoop], state, step: int, w
         live = [i for i in live if members[i].status != "diverged"]
         if not live:
             return state, step
-        if stop.requested:
+        requested = stop.requested
+        if requested:
             for i in live:
                 members[i].ckpts.wait()
-            raise Interrupted(step, stop.requested)
+            raise Interrupted(step, requested)
     return state, step
 
 

@@ -245,3 +245,55 @@ def test_a_failed_checkpoint_write_is_one_line_naming_the_checkpoint(caplog):
         log(f"not Orbax: {tensorstore}", where="site-packages/tensorflow_datasets/core/x.py")
     assert [r.getMessage() for r in caplog.records] == ["something else broke",
                                                          f"not Orbax: {tensorstore}"]
+
+
+def test_a_stop_after_any_chunk_resumes_to_the_uninterrupted_records(mnist_idx, tmp_path):
+    """Ctrl-C/SIGTERM lands between two compiled calls: whichever call it follows (mid-epoch,
+    or an epoch's last, whose evaluation must still happen), the resumed run's records are
+    the uninterrupted run's."""
+    from _faults import final_records
+
+    from digitjax.stop import Interrupted
+
+    tr = small_trainer(mnist_idx)
+    tr.fit(0, tmp_path / "ref", progress=False)
+    reference = final_records(tmp_path / "ref")
+    chunks = 2 * tr.steps_per_epoch // 4  # SMALL: 2 epochs, 4 steps per call
+    run_chunk = tr.run_chunk
+    for k in range(1, chunks):
+        stop, calls = StopAfter(), []
+
+        def counted(*args, stop=stop, calls=calls, k=k):
+            calls.append(1)
+            if len(calls) == k:
+                stop.requested = signal.SIGTERM  # seen right after this call returns
+            return run_chunk(*args)
+
+        tr.run_chunk = counted
+        with pytest.raises(Interrupted):
+            tr.fit(0, tmp_path / str(k), progress=False, stop=stop)
+        tr.run_chunk = run_chunk
+        assert not (tmp_path / str(k) / records.SUMMARY).exists()
+        tr.fit(0, tmp_path / str(k), progress=False, stop=StopAfter())
+        assert final_records(tmp_path / str(k)) == reference, f"stopped after chunk {k}"
+
+
+class StopAfter:
+    """A stop request the test sets, in place of the SIGINT/SIGTERM handler."""
+
+    requested = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def test_a_mid_epoch_checkpoint_carries_the_time_trained_so_far(mnist_idx, tmp_path):
+    # A run killed after it and resumed from it must not lose that part of the epoch.
+    tr = small_trainer(mnist_idx, "checkpoint.keep=4")
+    tr.fit(0, tmp_path, progress=False)
+    assert 8 < tr.steps_per_epoch  # SMALL saves every 8 steps: step 8 is mid-epoch
+    meta = checkpoint.restore_state(tmp_path, 8)[4]
+    assert meta["epoch"] == 0 and meta["train_seconds"] > 0
