@@ -142,7 +142,7 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpu_model": cpu.get("Model name") or platform.processor(),
         # Family/model tell CPU generations apart where the model name is generic (VMs).
         "cpu_family_model": f"{cpu.get('CPU family')}/{cpu.get('Model')}",
