@@ -519,20 +519,50 @@ def load_split(
 
         return load_kaggle_split(split)
     info, reader = _ensure(dataset, data_dir, idx_dir, download, verify, progress)
+    full: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    images, labels = [], []
+    for name, start, stop in _ranges(dataset, split, reader.info.splits):
+        if name not in full:
+            full[name] = _full_split(reader, info, name, verify, progress)
+        split_images, split_labels = full[name]
+        images.append(split_images[start:stop])
+        labels.append(split_labels[start:stop])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def split_ranges(
+    dataset: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    idx_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    progress: bool = True,
+) -> list[tuple[str, int, int]]:
+    """The (split name, start, stop) example ranges a TFDS split spec selects."""
+    if dataset == "kaggle":
+        from digitjax.kaggle import kaggle_split_ranges
+
+        return kaggle_split_ranges(split)
+    _, reader = _ensure(dataset, data_dir, idx_dir, download, True, progress)
+    return _ranges(dataset, split, reader.info.splits)
+
+
+def _ranges(dataset: str, split: str, sizes) -> list[tuple[str, int, int]]:
     try:
-        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(reader.info.splits)
+        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(sizes)
     except (ValueError, KeyError, NotImplementedError) as e:
         reason = re.sub(r"\s+", " ", str(e)).strip()
         raise DataError(f"{dataset}: bad split {split!r}: {reason}") from None
-    full: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    images, labels = [], []
-    for ins in instructions:
-        if ins.splitname not in full:
-            full[ins.splitname] = _full_split(reader, info, ins.splitname, verify, progress)
-        split_images, split_labels = full[ins.splitname]
-        images.append(split_images[ins.from_ : ins.to])
-        labels.append(split_labels[ins.from_ : ins.to])
-    return np.concatenate(images), np.concatenate(labels)
+    return [absolute(ins, sizes) for ins in instructions]
+
+
+def absolute(ins, sizes) -> tuple[str, int, int]:
+    """(split name, start, stop) of a TFDS instruction, open ends and reversed bounds
+    made explicit, so ranges can be compared."""
+    start = ins.from_ or 0
+    stop = sizes[ins.splitname].num_examples if ins.to is None else ins.to
+    return ins.splitname, start, max(start, stop)
 
 
 def describe_source(

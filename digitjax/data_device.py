@@ -71,8 +71,31 @@ def load(config: Config, *, data_dir: str | None = None, idx_dir: str | None = N
         return datasets.load_split(d.dataset, name, data_dir=data_dir, idx_dir=idx_dir,
                                    download=download, progress=progress)
 
+    check_splits(d.dataset, {"train": d.train_split, "val": d.val_split,
+                             "test": d.test_split},
+                 lambda spec: datasets.split_ranges(d.dataset, spec, data_dir=data_dir,
+                                                    idx_dir=idx_dir, download=download,
+                                                    progress=progress))
     return from_arrays(split(d.train_split), split(d.val_split), split(d.test_split),
                        num_classes=info.num_classes, eval_batch_size=config.train.eval_batch_size)
+
+
+def check_splits(dataset: str, specs: dict[str, str], ranges) -> None:
+    """Every split selects examples, and validation and test are held out from training
+    and from each other: model selection must never see the examples it is judged on."""
+    resolved = {role: ranges(spec) for role, spec in specs.items()}
+    for role, parts in resolved.items():
+        if sum(stop - start for _, start, stop in parts) == 0:
+            raise ConfigError(f"data.{role}_split={specs[role]!r} selects no {dataset} examples")
+    roles = list(resolved)
+    for i, a in enumerate(roles):
+        for b in roles[i + 1:]:
+            shared = sum(max(0, min(s1, s2) - max(a1, a2))
+                         for n1, a1, s1 in resolved[a] for n2, a2, s2 in resolved[b] if n1 == n2)
+            if shared:
+                raise ConfigError(
+                    f"data.{b}_split={specs[b]!r} shares {shared} {dataset} examples with "
+                    f"data.{a}_split={specs[a]!r}; train, val and test must not overlap")
 
 
 def from_arrays(train, val, test, *, num_classes: int, eval_batch_size: int) -> DeviceData:

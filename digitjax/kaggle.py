@@ -207,10 +207,23 @@ def load_kaggle_split(split: str, csv: str | os.PathLike | None = None):
     train.csv is the only labelled split Kaggle gives, so validation and test are slices
     of it too (see experiments: `data.test_split=train[40000:]`).
     """
+    images, labels = load_kaggle_train(kaggle_csv_path(csv))
+    parts = [(images[a:b], labels[a:b]) for _, a, b in _ranges(split, len(labels))]
+    return (np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]))
+
+
+def kaggle_split_ranges(split: str, csv: str | os.PathLike | None = None):
+    """The (split name, start, stop) rows of train.csv a split spec selects."""
+    return _ranges(split, len(load_kaggle_train(kaggle_csv_path(csv))[1]))
+
+
+def _ranges(split: str, n: int) -> list[tuple[str, int, int]]:
     import tensorflow_datasets as tfds
 
-    images, labels = load_kaggle_train(kaggle_csv_path(csv))
-    sizes = {"train": _Size(len(labels))}
+    from .data import absolute
+
+    sizes = {"train": _Size(n)}
     try:
         instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(sizes)
     except (ValueError, KeyError, NotImplementedError) as e:
@@ -218,9 +231,7 @@ def load_kaggle_split(split: str, csv: str | os.PathLike | None = None):
         raise DataError(f"{KAGGLE_DATASET}: bad split {split!r} ({reason}); train.csv is the "
                         "only split, e.g. train[:38000], train[38000:40000], train[40000:]"
                         ) from None
-    parts = [(images[i.from_:i.to], labels[i.from_:i.to]) for i in instructions]
-    return (np.concatenate([p[0] for p in parts]),
-            np.concatenate([p[1] for p in parts]))
+    return [absolute(i, sizes) for i in instructions]
 
 
 class _Size:
