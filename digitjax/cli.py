@@ -323,13 +323,16 @@ def cmd_sweep(args) -> int:
         print(study.wandb_sweep_config(args.study), end="")
         return 0
     data_parallel = "off" if args.dry_run else _start_execution(args)
-    study.sweep(args.study, workdir=args.workdir, shard=args.shard, dry_run=args.dry_run,
-                progress=_progress(args), data_dir=args.data_dir,
-                idx_dir=args.data_idx, download=args.download,
-                make_loggers=wandb_log.make_loggers(args.wandb), parallel=args.parallel,
-                plots=not args.no_plots, data_parallel=data_parallel,
-                echo=_echo())
-    return 0
+    summaries = study.sweep(
+        args.study, workdir=args.workdir, shard=args.shard, dry_run=args.dry_run,
+        progress=_progress(args), data_dir=args.data_dir, idx_dir=args.data_idx,
+        download=args.download, make_loggers=wandb_log.make_loggers(args.wandb),
+        parallel=args.parallel, plots=not args.no_plots, data_parallel=data_parallel,
+        echo=_echo())
+    diverged = sum(s.get("status") == "diverged" for s in summaries)
+    if diverged:  # as `run` does: a script or CI notices, the table counts them apart
+        _echo()(f"{args.study}: {diverged} of {len(summaries)} finished runs diverged")
+    return 1 if diverged else 0
 
 
 def cmd_ensemble(args) -> int:
