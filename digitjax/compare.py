@@ -5,7 +5,8 @@ with a `summary.json`, at any depth, so run folders copied from other machines c
 W&B run folder (`offline-run-*`, e.g. copied without the rest) stands in for a run whose
 files are missing. With `--wandb` the same table is built from the W&B API instead.
 A config changed by `--set` (`NAME+<hash>`) is its own row; so is a recorded config hash
-that differs from the others of the same name (the experiment's definition changed).
+that differs from the others of the same name (the experiment's definition changed), and
+so are runs made on another kind of device (CPU and GPU numbers differ, speed above all).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class RunResult:
     config_hash: str | None
     summary: dict
     source: str  # where it was read: a folder or a W&B run path
+    device: str | None = None  # the device kind it trained on ("cpu", "NVIDIA H100 ...")
 
     @property
     def completed(self) -> bool:
@@ -46,17 +48,21 @@ def _from_files(folder: Path) -> RunResult:
     summary = records.read_json(folder / records.SUMMARY)
     config_path = folder / records.CONFIG
     # config.json knows the overrides, so a renamed folder still lands in its row.
-    group = (group_name(records.read_json(config_path)) if config_path.exists()
-             else folder.parent.name)
+    record = records.read_json(config_path) if config_path.exists() else {}
+    group = group_name(record) if record else folder.parent.name
     return RunResult(group, summary.get("seed"), summary.get("config_hash"), summary,
-                     str(folder))
+                     str(folder), _device(record))
+
+
+def _device(record: dict) -> str | None:
+    return (record.get("environment") or {}).get("device_kind")
 
 
 def _from_wandb(folder: Path) -> RunResult:
     run = wandb_offline.read_run(folder)
     summary = {k: v for k, v in run.summary.items() if not k.startswith("_")}
     return RunResult(run.group, run.config.get("seed"), run.config.get("config_hash"),
-                     summary, str(folder))
+                     summary, str(folder), _device(run.config))
 
 
 def local_results(workdir: Path | str) -> tuple[list[RunResult], list[str]]:
@@ -104,7 +110,8 @@ def wandb_results(names: list[str], *, project: str | None = None,
         for run in api.runs(path, filters={"group": {"$regex": pattern}, "jobType": "train"}):
             summary = dict(run.summary_metrics)
             out.append(RunResult(run.group, run.config.get("seed"),
-                                 run.config.get("config_hash"), summary, "/".join(run.path)))
+                                 run.config.get("config_hash"), summary, "/".join(run.path),
+                                 _device(run.config)))
     return out
 
 
@@ -119,20 +126,26 @@ def select(results: list[RunResult], names: list[str], where: str) -> dict[str, 
         have = sorted({r.group for r in results})
         raise ConfigError(f"no runs of {', '.join(missing)} in {where}; runs there: "
                           f"{', '.join(have) if have else 'none'}")
-    # One run per (experiment, config, seed): files before W&B, completed before not.
+    # One run per (experiment, config, device, seed): files before W&B, completed first.
     chosen: dict[tuple, RunResult] = {}
     for r in results:
-        key = (r.group, r.config_hash, r.seed)
+        key = (r.group, r.config_hash, r.device, r.seed)
         if key not in chosen or (r.completed and not chosen[key].completed):
             chosen[key] = r
     hashes: dict[str, set] = {}
-    for group, config_hash, _ in chosen:
+    for group, config_hash, _, _ in chosen:
         hashes.setdefault(group, set()).add(config_hash)
+    mixed = len({device for _, _, device, _ in chosen}) > 1  # then every row names its own
     rows: dict[str, list] = {}
     for name in names:
-        for (group, config_hash, _), r in sorted(chosen.items(), key=lambda kv: str(kv[0])):
+        for (group, config_hash, device, _), r in sorted(chosen.items(),
+                                                         key=lambda kv: str(kv[0])):
             if _matches(group, name):
-                label = group if len(hashes[group]) == 1 else f"{group} [{config_hash}]"
+                label = group
+                if len(hashes[group]) > 1:
+                    label += f" [{config_hash}]"
+                if mixed:
+                    label += f" [{device or 'device unknown'}]"
                 rows.setdefault(label, []).append(r)
     return rows
 

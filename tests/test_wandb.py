@@ -338,9 +338,13 @@ def test_cli_run_passes_the_wandb_mode(tmp_path, wandb_env, monkeypatch):
     assert seen[1].mode == "offline" and seen[2].mode == "offline"  # auto + WANDB_MODE
 
 
-def write_run(folder, name, seed, test_acc, *, status="completed", overrides=None):
+def write_run(folder, name, seed, test_acc, *, status="completed", overrides=None,
+              device=None):
     folder.mkdir(parents=True)
-    records.write_json(folder / records.CONFIG, config_record(name, seed, overrides))
+    record = config_record(name, seed, overrides)
+    if device:
+        record["environment"]["device_kind"] = device
+    records.write_json(folder / records.CONFIG, record)
     records.write_json(folder / records.SUMMARY, {
         "status": status, "seed": seed, "config_hash": "0123456789ab",
         "test_accuracy": test_acc, "val_accuracy": test_acc + 0.01, "train_seconds": 10.0 + seed,
@@ -382,6 +386,23 @@ def test_compare_prints_mean_and_std_over_seeds(tmp_path, wandb_env, capsys):
     assert "(1 unfinished run(s) not counted)" in out
     # Only the named experiments, and NAME+hash exactly.
     assert list(table_rows(compare.compare([variant], workdir=workdir))) == [variant]
+
+
+def test_compare_keeps_runs_of_other_devices_apart(tmp_path):
+    # The same experiment and seeds on a CPU and on a GPU: two rows, each naming its device,
+    # never one row averaging (or one device hiding) the other.
+    for seed, acc in ((0, 0.90), (1, 0.92)):
+        write_run(tmp_path / "cpu" / "a" / f"seed{seed}", "a", seed, acc, device="cpu")
+        write_run(tmp_path / "gpu" / "a" / f"seed{seed}", "a", seed, acc + 0.05,
+                  device="NVIDIA H100")
+    write_run(tmp_path / "gpu" / "b" / "seed0", "b", 0, 0.99, device="NVIDIA H100")
+    lines = compare.compare(["a", "b"], workdir=tmp_path).splitlines()[1:]
+    assert [line.split("  ")[0] for line in lines] == [
+        "a [NVIDIA H100]", "a [cpu]", "b [NVIDIA H100]"]
+    assert "91.00" in lines[1] and "96.00" in lines[0]
+    # One device alone: no labels needed.
+    assert compare.compare(["a"], workdir=tmp_path / "cpu").splitlines()[1].split()[0:2] == [
+        "a", "2"]
 
 
 def test_compare_of_an_experiment_without_runs_is_one_line_and_exit_2(tmp_path, capsys):
