@@ -353,11 +353,13 @@ def cmd_table(args) -> int:
 
     paths = study.table(args.study, workdir=args.workdir, check=args.check)
     if args.check:
+        shown = study.shown_workdir(args.study, args.workdir)
+        where = f" --workdir {shown}" if shown else ""
         if paths:
             print(f"digitjax: {', '.join(paths)} differ from the run records "
-                  f"(rebuild with: digitjax table {args.study})", file=sys.stderr)
+                  f"(rebuild with: digitjax table {args.study}{where})", file=sys.stderr)
             return 1
-        print(f"{args.study}: tables match the run records")
+        print(f"{study.table_stem(args.study, args.workdir)}: tables match the run records")
         return 0
     print("wrote " + ", ".join(paths))
     return 0
@@ -441,7 +443,8 @@ def cmd_plot(args) -> int:
                  if any((workdir / n).glob("seed*/summary.json"))]
         if not names:
             raise UsageError(f"no finished runs of study {args.study} in {workdir}")
-        out = args.output or f"results/plots/study_{args.study}.png"
+        stem = study.table_stem(args.study, args.workdir)  # best_h200 beside best_h200.md
+        out = args.output or f"results/plots/study_{stem}.png"
         print(f"wrote {plots.plot_study(plots.read_study(workdir, names), out)}")
         return 0
     if args.augment:

@@ -238,11 +238,8 @@ def table(study_name: str, *, workdir=None, out_dir=RESULTS, check=False) -> lis
     the same study run on a GPU into results/runs/best_h100 gives results/best_h100.md.
     """
     rows, envs = collect(study_name, workdir)
-    name = Path(workdir).name if workdir else ""
-    stem = name if name.startswith(f"{study_name}_") else study_name
-    # Shown as the conventional results/runs/<name>, wherever the records were read from.
-    shown = default_workdir(stem) if stem != study_name else None
-    md, csv_text = render(study_name, rows, envs, shown)
+    stem = table_stem(study_name, workdir)
+    md, csv_text = render(study_name, rows, envs, shown_workdir(study_name, workdir))
     out_dir = Path(out_dir)
     targets = {out_dir / f"{stem}.md": md, out_dir / f"{stem}.csv": csv_text}
     if check:
@@ -252,6 +249,26 @@ def table(study_name: str, *, workdir=None, out_dir=RESULTS, check=False) -> lis
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return [str(p) for p in targets]
+
+
+def table_stem(study_name: str, workdir=None) -> str:
+    """The study's name, or the workdir's folder name when that is `<study>_<suffix>`."""
+    name = Path(workdir).name if workdir else ""
+    return name if name.startswith(f"{study_name}_") else study_name
+
+
+def shown_workdir(study_name: str, workdir=None) -> Path | None:
+    """The --workdir a reader must pass to redo a table (None: the default one).
+
+    A `<study>_<suffix>` folder is shown as the conventional results/runs/<study>_<suffix>,
+    wherever the records were read from.
+    """
+    stem = table_stem(study_name, workdir)
+    if stem != study_name:
+        return default_workdir(stem)
+    if workdir and Path(workdir).name != study_name:  # .../runs/<study> is conventional
+        return Path(workdir)
+    return None
 
 
 def _selected(rows: list[Row]) -> list[str]:

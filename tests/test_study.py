@@ -147,3 +147,16 @@ def test_sweep_command_trains_data_parallel_when_asked(prepared_mnist, tmp_path)
     assert f"{name} seed{seed}: test accuracy" in out.stdout
     record = records.read_json(tmp_path / name / f"seed{seed}" / records.CONFIG)
     assert record["execution"]["data_parallel_devices"] == 2
+
+
+def test_a_table_from_another_workdir_says_how_to_redo_it(tmp_path):
+    from pathlib import Path
+
+    assert study.shown_workdir("best") is None
+    assert study.shown_workdir("best", "results/runs/best") is None
+    # The same study on a GPU: its own table name and the conventional folder.
+    assert study.table_stem("best", tmp_path / "best_h200") == "best_h200"
+    assert study.shown_workdir("best", tmp_path / "best_h200") == Path("results/runs/best_h200")
+    # Any other folder: the default table name, but the commands to redo it name the folder.
+    assert study.table_stem("smoke", tmp_path / "mine") == "smoke"
+    assert study.shown_workdir("smoke", tmp_path / "mine") == tmp_path / "mine"
