@@ -8,6 +8,7 @@ it once every seed of an experiment has finished (`record_if_complete`).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -37,7 +38,8 @@ def ensemble(experiment: str, workdir: Path | str, *, split: str = "test", data_
     for run_dir in done:
         which = "latest" if config.train.select == "final" else "best"
         model, record = checkpoint.load_model(run_dir, which)
-        logits = _logits(model, images, config.train.eval_batch_size, steps.to_float)
+        logits = _logits(model, images, config.train.eval_batch_size,
+                         steps.recorded_precision(record))
         total = logits if total is None else total + logits
         summary = records.read_json(run_dir / records.SUMMARY)
         members.append({"run_dir": str(run_dir), "step": record["checkpoint_step"],
@@ -86,12 +88,15 @@ def _describes(record: dict, summaries: list[dict]) -> bool:
         for m, s in zip(members, summaries, strict=True))
 
 
-def _logits(model, images, batch: int, to_float) -> jax.Array:
+def _logits(model, images, batch: int, precision: str | None) -> jax.Array:
     from flax import nnx
+
+    from .steps import to_float, with_matmul_precision
 
     graphdef, state = nnx.split(model)
 
     @jax.jit
+    @functools.partial(with_matmul_precision, precision=precision)  # as the run evaluated
     def fwd(state, x):
         return nnx.merge(graphdef, state)(to_float(x), train=False)
 

@@ -96,7 +96,7 @@ class KerasCNN(nnx.Module):
 
 class LeanCNN(nnx.Module):
     """A FLOP-lean 2-conv net for time to accuracy: conv16 5x5, maxpool, conv32 3x3,
-    maxpool, dense128, dense10 (~2.3 MFLOP forward per image, a quarter of flax_cnn's)."""
+    maxpool, dense128, dense10 (2.84 MFLOP forward per image, under a third of flax_cnn's 9.29)."""
 
     def __init__(self, *, num_classes: int, in_channels: int, rngs: nnx.Rngs):
         self.conv1 = nnx.Conv(in_channels, 16, (5, 5), rngs=rngs)

@@ -46,12 +46,13 @@ class Predictor:
         graphdef, params, rest = steps.split_model(model)
         self._params, self._rest = params, rest
 
-        @jax.jit
         def probabilities(params, rest, images_u8):
             logits = nnx.merge(graphdef, params, rest)(steps.to_float(images_u8), train=False)
             return jax.nn.softmax(logits, axis=-1)
 
-        self._probabilities = probabilities
+        # The numerics the run was evaluated with (its recorded matmul precision).
+        self._probabilities = jax.jit(steps.with_matmul_precision(
+            probabilities, steps.recorded_precision(config_record)))
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, which: str | int = "best") -> Predictor:

@@ -83,6 +83,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def recorded_precision(config_record: dict) -> str | None:
+    """The matmul precision a run trained and evaluated with (config.json), if recorded."""
+    return (config_record.get("execution") or {}).get("matmul_precision")
+
+
 def with_matmul_precision(fn, precision: str | None):
     """`fn` traced under `jax.default_matmul_precision(precision)` (None: jax's default).
 

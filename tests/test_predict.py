@@ -89,3 +89,16 @@ def test_a_folder_that_is_not_a_run_is_one_line_and_exit_2(tmp_path, mnist_idx, 
     as_photo(images[1], path)
     code, _, err = run_cli(capsys, "predict", tmp_path, path)
     assert code == 2 and "not a run folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predictions_use_the_runs_recorded_matmul_precision(predictor, mnist_idx):
+    # Inference must do the arithmetic the run was evaluated with (on GPUs jax's default
+    # would use TF32/bf16 passes and could disagree with summary.json).
+    import jax
+
+    assert predictor.config_record["execution"]["matmul_precision"] == "highest"
+    _, (images, _) = mnist_idx
+    text = str(jax.make_jaxpr(predictor._probabilities)(
+        predictor._params, predictor._rest, images[:2]))
+    assert "conv_general_dilated" in text or "dot_general" in text
+    assert "HIGHEST" in text and "DEFAULT" not in text
