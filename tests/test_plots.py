@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,14 +20,11 @@ def assert_png(path, kind):
 
 def test_run_plots_from_the_run_folder_and_its_checkpoint(run_dir, mnist_idx):
     _, (tx, ty) = mnist_idx
-    t0 = time.perf_counter()
     written = plots.make_run_plots(run_dir, test_data=(tx[:2000], ty[:2000]))
-    seconds = time.perf_counter() - t0
     assert set(written) == {"learning_curves", "confusion_matrix", "mistakes"}
     for kind, path in written.items():
         assert path.parent == run_dir / "plots"
         assert_png(path, kind)
-    assert seconds < 20  # ~2 s on 2 CPU cores; generous for a loaded CI machine
 
 
 def test_plot_command_without_a_checkpoint_draws_the_learning_curves(run_dir, tmp_path,

@@ -117,7 +117,7 @@ def test_run_killed_after_an_eval_resumes_into_a_complete_offline_run(
         trainer, tmp_path, wandb_env, monkeypatch):
     """The real loop: stopped after epoch 2's evaluation, before its checkpoint; the rerun
     resumes from epoch 1's checkpoint, recomputes epoch 2, and W&B ends up like the files."""
-    faults = pytest.importorskip("digitjax.faults", reason="needs the checkpoint feature")
+    from digitjax import faults
     evals = []
 
     def point(name):
