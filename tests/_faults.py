@@ -111,6 +111,14 @@ def kill_after(proc: subprocess.Popen, seconds: float, workdir: Path | None = No
     return code == -signal.SIGKILL
 
 
+def resumed_from(run_dir: Path) -> int | None:
+    """The step the last attempt restored (config.json), None for a start from scratch:
+    equal final records alone cannot tell a resume from a deterministic retrain."""
+    from digitjax import records
+
+    return records.read_json(run_dir / records.CONFIG)["resumed_from_step"]
+
+
 def run_dir_of(workdir: Path) -> Path:
     (folder,) = [p for p in workdir.iterdir() if p.name.startswith("quick+")]
     return folder / "seed0"

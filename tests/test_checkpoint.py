@@ -11,6 +11,7 @@ from _faults import (
     check_final_records,
     finish,
     kill_after,
+    resumed_from,
     run_dir_of,
     start,
     strip,
@@ -29,8 +30,11 @@ def test_kill_at_a_named_point_then_resume_gives_the_same_final_records(
     assert code == -signal.SIGKILL, err
     run_dir = run_dir_of(tmp_path)
     assert not (run_dir / records.SUMMARY).exists()
+    saved = checkpoint.RunCheckpoints(run_dir, keep=1, read_only=True).latest_step()
+    assert saved  # every point named above comes after the first checkpoint (step 8)
     code, out, err = finish(start(tmp_path, cli_env))
     assert code == 0, err
+    assert resumed_from(run_dir) == saved
     check_final_records(run_dir, small_run_reference)
     assert not list((run_dir / checkpoint.CHECKPOINTS).glob("*tmp*"))
 
@@ -60,9 +64,10 @@ def test_sigint_saves_a_checkpoint_exits_and_resumes(cli_env, small_run_referenc
     run_dir = run_dir_of(tmp_path)
     assert code == 130, err
     assert "Resume with: digitjax run quick --seed 0" in out
-    assert checkpoint.RunCheckpoints(run_dir, keep=1, read_only=True).latest_step()
+    saved = checkpoint.RunCheckpoints(run_dir, keep=1, read_only=True).latest_step()
     code, out, err = finish(start(tmp_path, cli_env))
     assert code == 0 and "resuming" in out, err
+    assert resumed_from(run_dir) == saved
     check_final_records(run_dir, small_run_reference)
 
 
@@ -97,7 +102,7 @@ def test_a_partial_save_is_ignored_and_cleaned(mnist_idx, tmp_path):
     (partial / "state" / "junk").write_bytes(b"\0" * 10)
     resumed = tr.fit(0, run_dir, progress=False)
     assert strip(resumed) == strip(reference)
-    assert not partial.exists()
+    assert resumed_from(run_dir) == latest and not partial.exists()
 
 
 def test_latest_and_best_checkpoints_both_survive_restarts(mnist_idx, tmp_path):
@@ -192,9 +197,10 @@ def test_resume_restores_the_weight_average(mnist_idx, tmp_path, ema):
     tr.fit(0, run_dir, progress=False)
     (run_dir / records.SUMMARY).unlink()
     ckpt_dir = run_dir / checkpoint.CHECKPOINTS
-    latest = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
-    shutil.rmtree(ckpt_dir / str(latest))  # resume from an earlier checkpoint
+    steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    shutil.rmtree(ckpt_dir / str(steps[-1]))  # resume from an earlier checkpoint
     assert strip(tr.fit(0, run_dir, progress=False)) == strip(reference)
+    assert resumed_from(run_dir) == steps[-2]
 
 
 def test_a_resumed_run_counts_the_wall_time_of_earlier_attempts(mnist_idx, tmp_path):
@@ -276,6 +282,7 @@ def test_a_stop_after_any_chunk_resumes_to_the_uninterrupted_records(mnist_idx, 
         assert not (tmp_path / str(k) / records.SUMMARY).exists()
         tr.fit(0, tmp_path / str(k), progress=False, stop=StopAfter())
         check_final_records(tmp_path / str(k), reference)  # the folder says which chunk
+        assert resumed_from(tmp_path / str(k)) == 4 * k
 
 
 class StopAfter:
