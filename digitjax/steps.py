@@ -181,20 +181,27 @@ def make_eval_batch(graphdef, *, num_classes: int, augment=None, tta_views: int 
     """Sums over one padded batch: loss, correct, count, per-class correct and count.
 
     With `tta_views` > 0, logits are averaged over the image and that many augmented views
-    (test-time augmentation), drawn from fixed keys so evaluation stays deterministic.
+    (test-time augmentation). View v of the split's example k is drawn from a key made of
+    (v, k) alone (`start` is the batch's offset in the split), so evaluation is
+    deterministic and the same whatever the eval batch size or padding.
     `batch_sharding` splits the batch over a mesh's devices (data parallel).
     """
 
-    def eval_batch(params, rest, images_u8, labels, mask):
+    def one_view(image, key):
+        return augment(image[None], key)[0]
+
+    def eval_batch(params, rest, images_u8, labels, mask, start=0):
         if batch_sharding is not None:
             images_u8, labels, mask = jax.lax.with_sharding_constraint(
                 (images_u8, labels, mask), batch_sharding)
         model = nnx.merge(graphdef, params, rest)
         x = to_float(images_u8)
         logits = model(x, train=False)
+        index = start + jnp.arange(x.shape[0])
         for v in range(tta_views):
-            view = augment(x, jax.random.fold_in(jax.random.key(TTA_SEED), v))
-            logits = logits + model(view, train=False)
+            view_key = jax.random.fold_in(jax.random.key(TTA_SEED), v)
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(view_key, index)
+            logits = logits + model(jax.vmap(one_view)(x, keys), train=False)
         logits = logits / (1 + tta_views)
         loss = cross_entropy(logits, labels, num_classes)
         correct = (jnp.argmax(logits, -1) == labels) & mask

@@ -294,7 +294,7 @@ class Trainer:
         sums = []
         for i in range(0, images.shape[0], b):
             sums.append(self._eval_batch(params, rest, images[i:i + b], labels[i:i + b],
-                                         mask[i:i + b]))
+                                         mask[i:i + b], np.int32(i)))
             self._throttle(sums[-1])
         sums = jax.device_get(sums)
         total = {k: np.sum([s[k] for s in sums], axis=0) for k in sums[0]}

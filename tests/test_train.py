@@ -150,6 +150,31 @@ def test_test_time_augmentation_averages_views_deterministically(mnist_idx):
         registry.resolve("quick", ["train.tta_views=2"])
 
 
+@pytest.mark.parametrize("tta", [0, 2], ids=["plain", "tta"])
+def test_evaluation_does_not_depend_on_the_eval_batch_or_its_padding(mnist_idx, tta):
+    # 500 images in batches of 250 (no padding), 300 (100 padded rows) and 500 (one call):
+    # padded rows never count, and test-time views are drawn per example, not per batch.
+    (x, y), (tx, ty) = mnist_idx
+    overrides = ["train.batch_size=64", "augment.name=translate", f"train.tta_views={tta}"]
+    results = []
+    for b in (250, 300, 500):
+        data = data_device.from_arrays((x[:1024], y[:1024]), (x[-500:], y[-500:]),
+                                       (tx[:500], ty[:500]), num_classes=10, eval_batch_size=b)
+        tr = Trainer(quick_config(*overrides, f"train.eval_batch_size={b}"), data)
+        keys, state = tr.keys(0), tr.init_state(0)
+        tr.compile(state, keys)
+        state, _ = tr.run_chunk(state, 4, tr.permutation(keys, 0), 0, keys)
+        results.append(tr.evaluate(state, "test"))
+    for r in results[1:]:
+        assert r["accuracy"] == results[0]["accuracy"]
+        np.testing.assert_allclose(r["loss"], results[0]["loss"], rtol=1e-5)
+        np.testing.assert_allclose(r["per_class_accuracy"], results[0]["per_class_accuracy"])
+    # Per-class accuracies weighted by the class counts give the accuracy back.
+    counts = np.bincount(ty[:500], minlength=10)
+    per_class = np.asarray(results[1]["per_class_accuracy"])
+    assert np.isclose((per_class * counts).sum() / 500, results[1]["accuracy"])
+
+
 def test_ema_warmup_and_batch_statistics_average():
     import jax.numpy as jnp
 
