@@ -1,5 +1,6 @@
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -224,3 +225,83 @@ def test_ema_options_need_an_average_and_leave_older_hashes_alone():
     base = registry.resolve("quick", ["train.ema_decay=0.9"])
     warm = registry.resolve("quick", ["train.ema_decay=0.9", "train.ema_warmup=true"])
     assert config_hash(base) != config_hash(warm)
+
+
+def test_scanned_and_unrolled_chunks_train_the_same(mnist_idx):
+    # GPUs and TPUs default to the scanned loop, CPUs to the unrolled one: same steps.
+    runs = {}
+    for loop in ("unroll", "scan"):
+        tr = Trainer(quick_config("train.batch_size=64", f"train.loop={loop}"),
+                     small_data(mnist_idx))
+        keys, state = tr.keys(0), tr.init_state(0)
+        tr.compile(state, keys)
+        assert tr.execution.loop == loop
+        perm = tr.permutation(keys, 0)
+        losses = []
+        for offset in range(0, 8 * 64, 4 * 64):
+            state, metrics = tr.run_chunk(state, 4, perm, offset, keys)
+            losses += np.asarray(metrics["loss"]).tolist()
+        runs[loop] = losses, np.asarray(jax.tree.leaves(state.params)[0])
+    np.testing.assert_allclose(runs["scan"][0], runs["unroll"][0], rtol=1e-5)
+    np.testing.assert_allclose(runs["scan"][1], runs["unroll"][1], rtol=1e-3, atol=1e-5)
+    assert len(set(runs["unroll"][0])) == 8  # every step saw its own batch
+
+
+def test_label_smoothing_is_the_cross_entropy_with_smoothed_targets():
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(6, 10)).astype(np.float32), rng.integers(0, 10, 6)
+    targets = np.full((6, 10), 0.1 / 10)
+    targets[np.arange(6), labels] += 0.9
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    expected = -(targets * log_p).sum(1)
+    np.testing.assert_allclose(steps.cross_entropy(logits, labels, 10, 0.1), expected,
+                               rtol=1e-5)
+    np.testing.assert_allclose(steps.cross_entropy(logits, labels, 10),
+                               -log_p[np.arange(6), labels], rtol=1e-5)
+
+
+def test_weight_decay_clipping_and_the_cosine_schedule():
+    import dataclasses
+
+    import jax.numpy as jnp
+    import optax
+
+    from digitjax import optim
+    from digitjax.config import OptimizerConfig, ScheduleConfig
+
+    params = {"w": jnp.full((4,), 2.0)}
+    zero = {"w": jnp.zeros(4)}
+
+    def update(cfg, grads):
+        tx = optim.make_optimizer(cfg, optax.constant_schedule(0.1))
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return np.asarray(updates["w"])
+
+    plain = OptimizerConfig(name="sgd", learning_rate=0.1, momentum=0.0)
+    # Decay alone: sgd and adamw (decoupled) move weights towards 0 by lr * wd * w; adam
+    # adds wd * w to the gradient, which then goes through adam's scaling.
+    for name in ("sgd", "adamw"):
+        cfg = dataclasses.replace(plain, name=name, weight_decay=0.5)
+        np.testing.assert_allclose(update(cfg, zero), -0.1 * 0.5 * 2.0, rtol=1e-6)
+    adam = optax.adam(0.1)
+    as_gradient, _ = adam.update({"w": 0.5 * params["w"]}, adam.init(params), params)
+    np.testing.assert_allclose(update(dataclasses.replace(plain, name="adam", weight_decay=0.5),
+                                      zero), as_gradient["w"], rtol=1e-6)
+    # A gradient of norm 10 is clipped to norm 1 before the step.
+    big = {"w": jnp.full((4,), 5.0)}
+    clipped = update(dataclasses.replace(plain, grad_clip_norm=1.0), big)
+    np.testing.assert_allclose(np.linalg.norm(clipped), 0.1 * 1.0, rtol=1e-5)
+    # Cosine: warm-up from 0 to the peak, then down to the final fraction.
+    schedule = optim.make_schedule(ScheduleConfig(name="cosine", warmup_epochs=1,
+                                                  final_fraction=0.1), 1.0, 100, 10)
+    assert float(schedule(0)) == 0.0 and np.isclose(float(schedule(10)), 1.0)
+    assert np.isclose(float(schedule(100)), 0.1) and float(schedule(55)) < 1.0
+
+
+def test_select_final_reports_the_last_epoch(mnist_idx, tmp_path):
+    tr = Trainer(quick_config("train.epochs=2", "train.batch_size=64", "train.select=final"),
+                 small_data(mnist_idx))
+    s = tr.fit(0, tmp_path, progress=False)
+    test = [r for r in records.read_metrics(tmp_path / records.METRICS) if r["split"] == "test"]
+    assert s["selected_step"] == s["steps"] == 32 and s["selected_epoch"] == 2
+    assert s["test_accuracy"] == test[-1]["accuracy"]
