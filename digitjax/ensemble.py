@@ -8,12 +8,12 @@ it once every seed of an experiment has finished (`record_if_complete`).
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from . import checkpoint, records, registry
 from .config import ConfigError
@@ -34,12 +34,16 @@ def ensemble(experiment: str, workdir: Path | str, *, split: str = "test", data_
                           f"{workdir}, found {len(done)}")
     data = data_device.load(config, data_dir=data_dir, idx_dir=idx_dir, download=download)
     images, labels, mask = data.eval_split(split)
-    total, members = None, []
+    total, members, forward = None, [], None
+    b = config.train.eval_batch_size
     for run_dir in done:
         which = "latest" if config.train.select == "final" else "best"
         model, record = checkpoint.load_model(run_dir, which)
-        logits = _logits(model, images, config.train.eval_batch_size,
-                         steps.recorded_precision(record))
+        graphdef, state = nnx.split(model)
+        if forward is None:  # one compiled program serves every seed (same config)
+            forward = _forward(graphdef, steps.recorded_precision(record))
+        logits = jnp.concatenate([forward(state, images[i:i + b])
+                                  for i in range(0, images.shape[0], b)])
         total = logits if total is None else total + logits
         summary = records.read_json(run_dir / records.SUMMARY)
         members.append({"run_dir": str(run_dir), "step": record["checkpoint_step"],
@@ -88,20 +92,14 @@ def _describes(record: dict, summaries: list[dict]) -> bool:
         for m, s in zip(members, summaries, strict=True))
 
 
-def _logits(model, images, batch: int, precision: str | None) -> jax.Array:
-    from flax import nnx
-
+def _forward(graphdef, precision: str | None):
+    """The jitted eval-mode forward pass (logits), at the run's recorded precision."""
     from .steps import to_float, with_matmul_precision
 
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    @functools.partial(with_matmul_precision, precision=precision)  # as the run evaluated
-    def fwd(state, x):
+    def forward(state, x):
         return nnx.merge(graphdef, state)(to_float(x), train=False)
 
-    return jnp.concatenate([fwd(state, images[i:i + batch])
-                            for i in range(0, images.shape[0], batch)])
+    return jax.jit(with_matmul_precision(forward, precision))
 
 
 def _accuracy(logits, labels, mask) -> float:

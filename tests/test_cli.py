@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from _cli import run_cli
 
@@ -146,6 +147,18 @@ def test_run_records_the_ensemble_once_every_seed_has_finished(capsys, prepared_
     hashes = [records.read_json(tmp_path / "smoke_linear" / f"seed{s}" / "summary.json")
               ["final_param_hash"] for s in (0, 1)]
     assert [m["final_param_hash"] for m in record["members"]] == hashes
+    # Checked independently: each member is its run's reported checkpoint, and the ensemble
+    # is the argmax of the seeds' summed log-probabilities (= of their summed logits).
+    from digitjax import data
+    from digitjax.predict import Predictor
+
+    images, labels = data.load_split("mnist", registry.get("smoke_linear").config.data.test_split)
+    log_p = 0
+    for seed, member in zip((0, 1), record["members"], strict=True):
+        run = tmp_path / "smoke_linear" / f"seed{seed}"
+        assert member["accuracy"] == records.read_json(run / "summary.json")["test_accuracy"]
+        log_p = log_p + np.log(Predictor.from_run(run).probabilities(images))
+    assert record["accuracy"] == pytest.approx(np.mean(log_p.argmax(1) == labels), abs=1e-4)
     # Nothing retrained: the record still describes the runs and is kept as it is.
     code, out, _ = run_cli(capsys, "run", "smoke_linear", *flags)
     assert code == 0 and "ensemble of" not in out
