@@ -332,6 +332,8 @@ class Trainer:
             "seed": seed,
             "config_hash": self.config_hash,
             "execution": dataclasses.asdict(self.execution),
+            # The device it trained on when seeds run one per device (None: the default).
+            "device": None if self.device is None else str(self.device),
             "num_params": self.num_params,
             "steps_per_epoch": self.steps_per_epoch,
             "num_steps": self.num_steps,

@@ -25,6 +25,9 @@ def test_seeds_on_two_host_devices_match_sequential_runs(prepared_mnist, tmp_pat
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     run(tmp_path / "parallel", env)
     run(tmp_path / "sequential", env, "--parallel", "off")
+    trained_on = {records.read_json(d / records.CONFIG)["device"]
+                  for d in (tmp_path / "parallel").glob("quick+*/seed*")}
+    assert len(trained_on) == 2, trained_on  # 3 seeds shared out over the 2 devices
     for seed in range(3):
         a, b = (next((tmp_path / w).glob(f"quick+*/seed{seed}")) for w in ("parallel",
                                                                            "sequential"))
