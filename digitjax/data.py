@@ -548,21 +548,20 @@ def split_ranges(
     return _ranges(dataset, split, reader.info.splits)
 
 
-def _ranges(dataset: str, split: str, sizes) -> list[tuple[str, int, int]]:
+def _ranges(dataset: str, split: str, sizes, hint: str = "") -> list[tuple[str, int, int]]:
+    """(split name, start, stop) per part of a TFDS split spec, resolved by TFDS against
+    `sizes`; open ends and reversed bounds made explicit, so ranges can be compared."""
     try:
         instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(sizes)
     except (ValueError, KeyError, NotImplementedError) as e:
         reason = re.sub(r"\s+", " ", str(e)).strip()
-        raise DataError(f"{dataset}: bad split {split!r}: {reason}") from None
-    return [absolute(ins, sizes) for ins in instructions]
-
-
-def absolute(ins, sizes) -> tuple[str, int, int]:
-    """(split name, start, stop) of a TFDS instruction, open ends and reversed bounds
-    made explicit, so ranges can be compared."""
-    start = ins.from_ or 0
-    stop = sizes[ins.splitname].num_examples if ins.to is None else ins.to
-    return ins.splitname, start, max(start, stop)
+        raise DataError(f"{dataset}: bad split {split!r}: {reason}{hint}") from None
+    out = []
+    for ins in instructions:
+        start = ins.from_ or 0
+        stop = sizes[ins.splitname].num_examples if ins.to is None else ins.to
+        out.append((ins.splitname, start, max(start, stop)))
+    return out
 
 
 def describe_source(

@@ -27,8 +27,9 @@ def ensemble(experiment: str, workdir: Path | str, *, split: str = "test", data_
 
     config = registry.get(experiment).config
     run_dirs = [records.run_dir(workdir, experiment, s, {}) for s in config.seeds]
-    done = [d for d in run_dirs if (d / records.SUMMARY).exists()
-            and records.read_json(d / records.SUMMARY).get("status") == "completed"]
+    summaries = {d: records.read_json(d / records.SUMMARY) for d in run_dirs
+                 if (d / records.SUMMARY).exists()}
+    done = [d for d, s in summaries.items() if s.get("status") == "completed"]
     if len(done) < 2:
         raise ConfigError(f"{experiment}: an ensemble needs at least 2 finished seeds in "
                           f"{workdir}, found {len(done)}")
@@ -45,9 +46,8 @@ def ensemble(experiment: str, workdir: Path | str, *, split: str = "test", data_
         logits = jnp.concatenate([forward(state, images[i:i + b])
                                   for i in range(0, images.shape[0], b)])
         total = logits if total is None else total + logits
-        summary = records.read_json(run_dir / records.SUMMARY)
         members.append({"run_dir": str(run_dir), "step": record["checkpoint_step"],
-                        "final_param_hash": summary.get("final_param_hash"),
+                        "final_param_hash": summaries[run_dir].get("final_param_hash"),
                         "accuracy": _accuracy(logits, labels, mask)})
     result = {"experiment": experiment, "split": split, "seeds": len(done),
               "accuracy": _accuracy(total / len(done), labels, mask), "members": members}

@@ -219,19 +219,11 @@ def kaggle_split_ranges(split: str, csv: str | os.PathLike | None = None):
 
 
 def _ranges(split: str, n: int) -> list[tuple[str, int, int]]:
-    import tensorflow_datasets as tfds
+    from .data import _ranges
 
-    from .data import absolute
-
-    sizes = {"train": _Size(n)}
-    try:
-        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(sizes)
-    except (ValueError, KeyError, NotImplementedError) as e:
-        reason = re.sub(r"\s+", " ", str(e)).strip()
-        raise DataError(f"{KAGGLE_DATASET}: bad split {split!r} ({reason}); train.csv is the "
-                        "only split, e.g. train[:38000], train[38000:40000], train[40000:]"
-                        ) from None
-    return [absolute(i, sizes) for i in instructions]
+    return _ranges(KAGGLE_DATASET, split, {"train": _Size(n)},
+                   hint="; train.csv is the only split, e.g. train[:38000], "
+                        "train[38000:40000], train[40000:]")
 
 
 class _Size:
