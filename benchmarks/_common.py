@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from importlib import metadata
@@ -37,14 +38,26 @@ VERSIONED = ("jax", "jaxlib", "flax", "optax")
 
 # Sections of results/benchmarks.md, in the order the file lists them.
 SECTIONS = ("throughput", "seeds", "time_to_accuracy", "startup", "data_parallel")
-MD_HEADER = """# Benchmarks
 
-Written by the scripts in `benchmarks/` (see `benchmarks/README.md`): each script rewrites
-its own section below and appends one JSON line to `results/benchmarks.jsonl`. Regenerate
-everything on an idle machine with `bash benchmarks/run_all.sh` (about 25 minutes on 2 CPU
-cores). A section marked BUSY was measured while other work ran (`--force`): its figures
-are not comparable.
-"""
+
+def md_header(stem: str) -> str:
+    """The opening of results/STEM.md: who writes it and how to regenerate it."""
+    text = ("Written by the scripts in `benchmarks/` (see `benchmarks/README.md`): each script "
+            f"rewrites its own section below and appends one JSON line to `results/{stem}.jsonl`. ")
+    if stem == RESULTS_STEM:
+        title = "# Benchmarks"
+        text += ("Regenerate everything on an idle machine with `bash benchmarks/run_all.sh` "
+                 "(about 25 minutes on 2 CPU cores). A section marked BUSY was measured while "
+                 "other work ran (`--force`): its figures are not comparable.")
+    else:
+        kind = stem.removeprefix(f"{RESULTS_STEM}_")
+        title = f"# Benchmarks: {kind}"
+        text += ("These are another machine kind's figures, kept apart from the 2-core CPU's: "
+                 f"`bash benchmarks/run_gpu.sh {kind}` regenerates them on a GPU (or any "
+                 f"script with `--results {stem}`). The busy-machine guard is sized for the "
+                 "2-core CPU, so there the scripts run with `--force` and their sections say "
+                 "BUSY.")
+    return f"{title}\n\n{textwrap.fill(text, 91)}\n"
 
 
 # --- the busy-machine guard --------------------------------------------------------------
@@ -358,7 +371,7 @@ def record(name: str, title: str, env: dict, guard: dict, results: dict, body_md
         f.write(json.dumps(line, sort_keys=True) + "\n")
     sections = _read_sections(results_md)
     sections[name] = section
-    parts = [MD_HEADER]
+    parts = [md_header(stem)]
     for key in [*SECTIONS, *sorted(set(sections) - set(SECTIONS))]:
         if key in sections:
             parts.append(f"<!-- begin {key} -->\n{sections[key]}<!-- end {key} -->\n")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every benchmark in order on an idle machine (~30 min on 2 CPU cores); each rewrites
+# Runs every benchmark in order on an idle machine (~25 min on 2 CPU cores); each rewrites
 # its section of results/benchmarks.md and appends to results/benchmarks.jsonl.
 # Extra arguments go to every script, e.g. `bash benchmarks/run_all.sh --force`.
 set -euo pipefail

@@ -44,8 +44,10 @@ def parse_args(argv=None):
                    help="a shorter training split keeps the run short ('' = the experiment's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="more config overrides, passed to digitjax run")
-    p.add_argument("--modes", default=",".join(MODES),
-                   help=f"comma-separated, from {', '.join(MODES)} (sequential is the baseline)")
+    # vmap is opt-in: on XLA:CPU it turns the convolutions into slow grouped ones.
+    p.add_argument("--modes", default="sequential,parallel,parallel_no_eigen_mt",
+                   help=f"comma-separated, from {', '.join(MODES)} (sequential is the baseline; "
+                   "default: all but vmap, the GPU/TPU mode)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per mode, in alternating order (median reported)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run before a kill")

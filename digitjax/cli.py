@@ -35,9 +35,13 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="list registered experiments")
 
-    show = sub.add_parser("show", help="print an experiment's full resolved config")
+    show = sub.add_parser("show", help="print an experiment's full resolved config",
+                          epilog="examples:\n  digitjax show best_bn_cnn\n"
+                          "  digitjax show quick --set train.epochs=2 --set augment.name=affine\n",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     show.add_argument("name")
-    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key (repeatable), as `run --set` does")
 
     run = sub.add_parser("run", help="train an experiment's seeds", epilog=EPILOG_RUN,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,7 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", help="a run folder, e.g. runs/quick/seed0")
     ev.add_argument("--checkpoint", default="best",
                     help="best (by validation accuracy), latest, or a step number")
-    ev.add_argument("--split", default="test", choices=("test", "val"))
+    ev.add_argument("--split", default="test", choices=("test", "val"),
+                    help="the split to evaluate (default test)")
     ev.add_argument("--tta", type=int, default=0, metavar="N",
                     help="test-time augmentation: average the logits of each image and N "
                     "augmented views (the run's augmentation, or --tta-augment)")
@@ -195,7 +200,8 @@ def _app_parsers(sub) -> None:
                     help="the split --curves shows (default val, the one runs are chosen on)")
     pl.add_argument("--workdir", help="where run folders are (default: $DIGITJAX_WORKDIR "
                     "or ./runs)")
-    pl.add_argument("-o", "--output", help="PNG to write (--augment, --experiments)")
+    pl.add_argument("-o", "--output",
+                    help="PNG to write (--augment, --experiments, --study, --curves)")
     _data_args(pl)
 
 
@@ -342,7 +348,7 @@ def cmd_ensemble(args) -> int:
     r = ensemble(args.experiment, args.workdir or records.default_workdir(),
                  data_dir=args.data_dir, idx_dir=args.data_idx, download=args.download)
     for m in r["members"]:
-        print(f"  {m['run_dir']} step {m['step']}: {100 * m['accuracy']:.2f}%")
+        print(f"  {args.experiment}/{m['run']} step {m['step']}: {100 * m['accuracy']:.2f}%")
     print(f"{args.experiment}: ensemble of {r['seeds']} seeds: {r['split']} accuracy "
           f"{100 * r['accuracy']:.2f}%")
     return 0
@@ -457,8 +463,8 @@ def cmd_plot(args) -> int:
         written = [plots.plot_study(study, args.output or "results/study.png")]
     else:
         if args.output:
-            raise UsageError("-o is for --augment, --experiments and --curves; a run's plots "
-                             "go to RUN_DIR/plots/")
+            raise UsageError("-o is for --augment, --experiments, --study and --curves; a "
+                             "run's plots go to RUN_DIR/plots/")
         written = plots.make_run_plots(
             args.run_dir, which=args.checkpoint, data_dir=args.data_dir, idx_dir=args.data_idx,
             download=args.download,

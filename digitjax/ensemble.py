@@ -2,8 +2,10 @@
 
 Each seed contributes the checkpoint it reports (chosen on validation), so the ensemble
 involves no choice made on test. The result is written next to the seeds' folders as
-`<workdir>/<experiment>/ensemble.json`, where tables pick it up. `run` and `sweep` record
-it once every seed of an experiment has finished (`record_if_complete`).
+`<workdir>/<experiment>/ensemble.json`, where tables pick it up; each member names its run
+folder relative to that file (`seed0`), so a record stays valid wherever the workdir moves.
+`run` and `sweep` record it once every seed of an experiment has finished
+(`record_if_complete`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def ensemble(experiment: str, workdir: Path | str, *, split: str = "test", data_
         logits = jnp.concatenate([forward(state, images[i:i + b])
                                   for i in range(0, images.shape[0], b)])
         total = logits if total is None else total + logits
-        members.append({"run_dir": str(run_dir), "step": record["checkpoint_step"],
+        members.append({"run": run_dir.name, "step": record["checkpoint_step"],
                         "final_param_hash": summaries[run_dir].get("final_param_hash"),
                         "accuracy": _accuracy(logits, labels, mask)})
     result = {"experiment": experiment, "split": split, "seeds": len(done),

@@ -161,17 +161,14 @@ def install_fault_study(setattr) -> None:
 
 
 def sweep_records(workdir: Path) -> dict:
-    """Every run's final records and the ensemble of a `faults` sweep, paths left out."""
+    """Every run's final records and the ensemble of a `faults` sweep (no absolute paths)."""
     from digitjax import records
 
     out = {}
     for run_dir in sorted(workdir.glob("fault_*/seed*")):
         out[f"{run_dir.parent.name}/{run_dir.name}"] = final_records(run_dir)
     for path in sorted(workdir.glob("fault_*/ensemble.json")):
-        ens = records.read_json(path)
-        ens["members"] = [{k: v for k, v in m.items() if k != "run_dir"}
-                          for m in ens["members"]]
-        out[path.parent.name] = ens
+        out[path.parent.name] = records.read_json(path)  # members' run folders are relative
     return out
 
 

@@ -156,6 +156,7 @@ def test_run_records_the_ensemble_once_every_seed_has_finished(capsys, prepared_
     log_p = 0
     for seed, member in zip((0, 1), record["members"], strict=True):
         run = tmp_path / "smoke_linear" / f"seed{seed}"
+        assert member["run"] == run.name  # relative: the record stays valid if moved
         assert member["accuracy"] == records.read_json(run / "summary.json")["test_accuracy"]
         log_p = log_p + np.log(Predictor.from_run(run).probabilities(images))
     assert record["accuracy"] == pytest.approx(np.mean(log_p.argmax(1) == labels), abs=1e-4)
