@@ -11,7 +11,9 @@ job_type `train`. Every chart's x-axis is our optimizer `step` (a logged metric)
 `_step` just counts history rows, because W&B drops rows whose `_step` is lower than one it
 already has, and our steps repeat when a run resumes from a checkpoint.
 
-Resume. The W&B run id is drawn once per run folder and kept in `<run_dir>/wandb_run_id`.
+Resume. The W&B run id is drawn when a run starts from step 0 (first start, `--fresh`, or a
+restart before its first checkpoint: its records start over, so does its W&B run) and kept
+in `<run_dir>/wandb_run_id` for the attempts that resume from a checkpoint.
 History rows are a fixed sequence (one per train row of metrics.jsonl, one per evaluation),
 so a resumed attempt can tell exactly which rows W&B already has:
 - online: the attempt resumes the same W&B run (resume="allow"); the server's row count
@@ -26,6 +28,7 @@ so a resumed attempt can tell exactly which rows W&B already has:
 
 from __future__ import annotations
 
+import configparser
 import netrc
 import os
 import secrets
@@ -53,6 +56,23 @@ def _say(message: str) -> None:
     print(f"digitjax: W&B: {message}", file=sys.stderr, flush=True)
 
 
+def base_url(env=None) -> str:
+    """The W&B server, found as wandb finds it: $WANDB_BASE_URL, then `base_url` in its
+    settings file (`wandb login --host URL` writes it there), then the public server."""
+    env = os.environ if env is None else env
+    if env.get("WANDB_BASE_URL"):
+        return env["WANDB_BASE_URL"]
+    home = Path(env.get("HOME") or "~").expanduser()
+    folder = Path(env["WANDB_CONFIG_DIR"]).expanduser() if env.get("WANDB_CONFIG_DIR") \
+        else home / ".config" / "wandb"
+    settings = configparser.ConfigParser()
+    try:
+        settings.read(folder / "settings")
+    except configparser.Error:
+        return DEFAULT_HOST
+    return settings.get("default", "base_url", fallback="") or DEFAULT_HOST
+
+
 def api_key_available(env=None) -> bool:
     """Whether W&B credentials exist locally ($WANDB_API_KEY or `wandb login`'s netrc entry).
 
@@ -61,12 +81,14 @@ def api_key_available(env=None) -> bool:
     env = os.environ if env is None else env
     if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlsplit(env.get("WANDB_BASE_URL") or DEFAULT_HOST).hostname
+    url = urlsplit(base_url(env))
     path = env.get("NETRC") or Path(env.get("HOME") or "~").expanduser() / ".netrc"
     try:
-        return netrc.netrc(path).authenticators(host) is not None
+        entries = netrc.netrc(path)
     except (OSError, netrc.NetrcParseError):
         return False
+    # wandb names the entry by host and port (`localhost:8080`); older logins by host.
+    return any(entries.authenticators(m) is not None for m in (url.netloc, url.hostname) if m)
 
 
 def reachable(url: str, timeout_s: float = 3.0) -> bool:
@@ -107,7 +129,7 @@ def resolve_mode(choice: str = "auto", env=None, probe=reachable) -> tuple[str, 
         if env_mode not in ("online", "run"):
             if not api_key_available(env):
                 return "offline", ""  # the documented default for users not logged in
-            url = env.get("WANDB_BASE_URL") or DEFAULT_HOST
+            url = base_url(env)
             if not probe(url):
                 return "offline", f"{urlsplit(url).hostname} unreachable; logging offline"
             return "online", ""
@@ -122,10 +144,10 @@ def new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def run_id(run_dir: Path) -> str:
-    """The run folder's W&B id, drawn on first use and kept in `<run_dir>/wandb_run_id`."""
+def run_id(run_dir: Path, *, fresh: bool = False) -> str:
+    """The run folder's W&B id, kept in `<run_dir>/wandb_run_id`; a new one when `fresh`."""
     path = Path(run_dir) / RUN_ID_FILE
-    if path.exists() and path.read_text().strip():
+    if not fresh and path.exists() and path.read_text().strip():
         return path.read_text().strip()
     rid = new_run_id()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +294,10 @@ class WandbLogger:
         kwargs = dict(
             project=s.project, entity=s.entity, group=group, job_type="train",
             name=f"{group}-seed{config_record['seed']}", tags=tags(config_record),
-            config=wandb_config(config_record), id=run_id(run_dir), dir=str(run_dir),
+            config=wandb_config(config_record), dir=str(run_dir),
+            # A run starting from step 0 is a new W&B run: resuming the old id would keep
+            # the earlier attempt's history (online, the first rows would be skipped).
+            id=run_id(run_dir, fresh=config_record["resumed_from_step"] is None),
             reinit="create_new",  # several seeds in one process are several W&B runs
             settings=wandb.Settings(init_timeout=s.init_timeout_s,
                                     finish_timeout=FINISH_TIMEOUT_S, silent=True,
@@ -336,9 +361,9 @@ class WandbLogger:
         self._log([])  # a resumed attempt with no rows left still mirrors the history
         run = self.run
         run.summary.update({k: v for k, v in summary.items() if v is not None})
-        for key in ("accuracy", "loss"):
-            if f"test_{key}" in summary:
-                run.summary[f"test/{key}"] = summary[f"test_{key}"]
+        for key in ("test/accuracy", "test/loss", "val/loss"):  # the reported checkpoint's
+            if key.replace("/", "_") in summary:
+                run.summary[key] = summary[key.replace("/", "_")]
         offline = run.settings.mode == "offline"
         where = run.settings.sync_dir if offline else run.url
         run.finish(exit_code=0 if summary.get("status") == "completed" else 1)

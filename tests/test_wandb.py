@@ -106,6 +106,9 @@ def test_offline_run_mirrors_the_run_records(trainer, tmp_path, wandb_env):
         assert run.summary[key] == summary[key], key
     assert run.summary["test/accuracy"] == summary["test_accuracy"]
     assert run.summary["val/accuracy"] == {"max": summary["best_val_accuracy"]}
+    # Losses too are the reported checkpoint's, not the last evaluation's.
+    assert run.summary["val/loss"] == summary["val_loss"]
+    assert run.summary["test/loss"] == summary["test_loss"]
     assert run.exit_code == 0
 
 
@@ -142,11 +145,27 @@ def test_run_killed_after_an_eval_resumes_into_a_complete_offline_run(
     assert len(list((run_dir / "wandb" / wandb_log.SUPERSEDED).iterdir())) == 1
 
 
-def config_record(name="exp", seed=0, overrides=None):
+def test_a_fresh_start_is_a_new_wandb_run(trainer, tmp_path, wandb_env):
+    """`--fresh` (or a restart before the first checkpoint) starts the records over, so it
+    gets a new W&B id: the old one would resume the earlier run and keep its history."""
+    run_dir = tmp_path / "quick" / "seed0"
+    make = wandb_log.WandbLoggers("offline")
+    trainer.fit(0, run_dir, progress=False, loggers=make(0, run_dir))
+    old_id = read_offline(run_dir).run_id
+    summary = trainer.fit(0, run_dir, progress=False, loggers=make(0, run_dir), resume=False)
+    run = read_offline(run_dir)  # the only offline run left for `wandb sync`
+    assert run.run_id != old_id
+    assert run.run_id == (run_dir / wandb_log.RUN_ID_FILE).read_text().strip()
+    assert_history(run, records.read_metrics(run_dir / records.METRICS))
+    assert run.summary["test/accuracy"] == summary["test_accuracy"]
+
+
+def config_record(name="exp", seed=0, overrides=None, resumed_from_step=None):
     config = to_dict(registry.resolve("quick"))
     config["name"] = name
     return {"config": config, "seed": seed, "config_hash": "0123456789ab", "num_params": 10,
-            "environment": {"git_commit": "deadbeef"}, "overrides": overrides or {}}
+            "environment": {"git_commit": "deadbeef"}, "overrides": overrides or {},
+            "resumed_from_step": resumed_from_step}
 
 
 def train_row(step, loss):
@@ -166,6 +185,7 @@ ROWS = [train_row(4, 2.0), train_row(8, 1.5), *eval_rows(8, 0.7, 0.99),
         train_row(12, 1.2), train_row(16, 1.0), *eval_rows(16, 0.9, 0.6),
         train_row(20, 0.9), train_row(24, 0.8), *eval_rows(24, 0.8, 0.7)]
 SUMMARY = {"status": "completed", "test_accuracy": 0.6, "test_loss": 0.4, "val_accuracy": 0.9,
+           "val_loss": 0.1,
            "best_val_accuracy": 0.9, "num_params": 10, "train_seconds": 2.0,
            "total_seconds": 3.0, "images_per_second": 100.0, "seed": 0}
 
@@ -197,7 +217,7 @@ def test_offline_resume_writes_one_complete_run_and_sets_earlier_attempts_aside(
     # The resume: metrics.jsonl cut back to the checkpoint at step 8, rows after it again.
     records.truncate_metrics(run_dir / records.METRICS, 8)
     second = make(0, run_dir)[0]
-    second.start(config_record(), run_dir)
+    second.start(config_record(resumed_from_step=8), run_dir)
     play(second, run_dir, ROWS[4:])
     second.finish(SUMMARY)
 
@@ -207,6 +227,7 @@ def test_offline_resume_writes_one_complete_run_and_sets_earlier_attempts_aside(
     superseded = list((run_dir / "wandb" / wandb_log.SUPERSEDED).glob("offline-run-*"))
     assert len(superseded) == 1 and superseded[0].name.endswith(run_id)
     assert run.summary["test/accuracy"] == 0.6  # the reported one: not max (0.99), last (0.7)
+    assert run.summary["test/loss"] == 0.4 and run.summary["val/loss"] == 0.1  # not last
     assert run.summary["val/accuracy"] == {"max": 0.9}
 
 
@@ -239,7 +260,7 @@ def test_online_resume_logs_only_the_rows_the_server_lacks(tmp_path, wandb_env, 
     monkeypatch.setattr(wandb, "init", lambda **kw: calls.append(kw) or fake)
     records.append_metrics(run_dir / records.METRICS, ROWS[:4])  # checkpoint at step 8
     logger = wandb_log.WandbLoggers("online", env={"WANDB_API_KEY": "k"})(0, run_dir)[0]
-    logger.start(config_record(), run_dir)
+    logger.start(config_record(resumed_from_step=8), run_dir)
     # The server got 4 history rows before the kill (steps 4, 8, eval 8, 12): only the
     # rows after those are sent; step 12 is recomputed but not sent twice.
     play(logger, run_dir, ROWS[4:])
@@ -304,7 +325,8 @@ def test_wandb_errors_never_stop_training(trainer, tmp_path, wandb_env, monkeypa
 def test_mode_follows_the_flag_then_wandb_mode_then_credentials(tmp_path):
     netrc = tmp_path / "netrc"
     netrc.write_text("machine api.wandb.ai login user password k\n")
-    none, key = {"NETRC": str(tmp_path / "missing")}, {"NETRC": str(netrc)}
+    home = {"HOME": str(tmp_path)}  # no wandb settings file: the public server
+    none, key = {**home, "NETRC": str(tmp_path / "missing")}, {**home, "NETRC": str(netrc)}
     up, down = (lambda url: True), (lambda url: False)
     cases = [
         ("off", key, up, "off", ""),
@@ -324,6 +346,22 @@ def test_mode_follows_the_flag_then_wandb_mode_then_credentials(tmp_path):
         assert got == mode and (warning in why if warning else why == ""), (choice, env)
     with pytest.raises(ConfigError, match="--wandb 'maybe'"):
         wandb_log.resolve_mode("maybe", none)
+
+
+def test_credentials_of_a_self_hosted_server_are_found_as_wandb_finds_them(tmp_path):
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine localhost:8080 login user password k\n")  # wandb login --host
+    env = {"NETRC": str(netrc), "HOME": str(tmp_path)}
+    assert not wandb_log.api_key_available(env)  # the public server has no entry
+    assert wandb_log.api_key_available({**env, "WANDB_BASE_URL": "http://localhost:8080"})
+    # Without the variable, the server comes from wandb's settings file, as for wandb.
+    settings = tmp_path / ".config" / "wandb" / "settings"
+    settings.parent.mkdir(parents=True)
+    settings.write_text("[default]\nbase_url = http://localhost:8080\n")
+    assert wandb_log.base_url(env) == "http://localhost:8080"
+    assert wandb_log.api_key_available(env)
+    assert wandb_log.resolve_mode("auto", env, lambda url: url == "http://localhost:8080") == (
+        "online", "")
 
 
 def test_cli_run_passes_the_wandb_mode(tmp_path, wandb_env, monkeypatch):
