@@ -28,10 +28,14 @@ MIN_CONTRAST = 0.1  # ink must differ from the background by 10% of the range
 def read_grey(path: str | os.PathLike) -> np.ndarray:
     """A PNG/JPEG/... file as float greyscale [H, W] in [0, 1] (DataError if unreadable).
 
-    Transparent pixels are composited over the colour that contrasts with the opaque
-    ones, so dark strokes on a transparent canvas and light ones both stay visible.
+    Transparent pixels are composited over the opaque pixels' median when those hold a
+    picture of their own (ink and paper: a scan with a transparent margin, which becomes
+    paper), else over the colour that contrasts with them (strokes of one colour on a
+    transparent canvas, dark or light, stay visible).
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder; give image files (e.g. {path}/*.png)")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
@@ -52,8 +56,11 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
     alpha = rgba[..., 3]
     if alpha.min() >= 1.0:
         return luma
-    opaque = alpha > 0.5
-    backdrop = 1.0 if not opaque.any() or luma[opaque].mean() < 0.5 else 0.0
+    opaque = luma[alpha > 0.5]
+    if opaque.size and np.ptp(np.percentile(opaque, [1, 99])) > MIN_CONTRAST:
+        backdrop = float(np.median(opaque))
+    else:
+        backdrop = 1.0 if not opaque.size or opaque.mean() < 0.5 else 0.0
     return luma * alpha + backdrop * (1.0 - alpha)
 
 
@@ -67,11 +74,14 @@ def _border(a: np.ndarray) -> np.ndarray:
 def ink_map(grey: np.ndarray, name: str = "image") -> np.ndarray:
     """Ink intensity in [0, 1] (0 = background) of a greyscale image in [0, 1].
 
-    The border is taken as background: a light border means dark ink (inverted). Levels up
-    to the border's 98th percentile count as paper (texture, shadows, JPEG noise).
+    The border is taken as background, and the ink is whichever extreme lies farther from
+    it: darker (inverted) or lighter. That holds for dim photos of paper and for grey boards,
+    where the background's level alone would guess wrong. Levels up to the border's 98th
+    percentile count as paper (texture, shadows, JPEG noise).
     """
     border = _border(grey)
-    if np.median(border) > 0.5:
+    level = np.median(border)
+    if level - grey.min() > grey.max() - level:  # dark ink
         grey, border = 1.0 - grey, 1.0 - border
     background = np.median(border)
     contrast = grey.max() - background

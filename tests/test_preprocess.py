@@ -119,6 +119,43 @@ def test_noisy_grey_paper_photo_as_jpeg(tmp_path):
     assert out[12:16, 12:16].max() < 40
 
 
+@pytest.mark.parametrize("paper,ink", [
+    (0.45, 0.1),  # a dim photo of paper: dark ink on a background darker than mid-grey
+    (0.35, 0.05),
+    (0.55, 0.95),  # chalk on a grey board: light ink on a background lighter than mid-grey
+    (0.6, 1.0),
+])
+def test_polarity_follows_the_ink_not_the_background_level(tmp_path, paper, ink):
+    rng = np.random.default_rng(1)
+    shape = ring(240, 240, (60, 60, 140, 100), 16)
+    photo = np.clip(paper + (ink - paper) * shape + rng.normal(0, 0.03, shape.shape), 0, 1)
+    out = preprocess.load_digit(save(photo, tmp_path / "photo.jpg", "RGB"))[..., 0]
+    # The ring of a clean light-on-dark image, as closely as the 0.8-paper photo above
+    # gets to it (correlation 0.75); the wrong polarity gives scattered noise (0.25-0.30).
+    reference = preprocess.to_mnist(ring(240, 240, (60, 60, 140, 100), 16))
+    assert np.corrcoef(out.ravel(), reference.ravel())[0, 1] > 0.7
+    assert out.max() == 255 and out[12:16, 12:16].max() < 40  # the hole stays empty
+
+
+def test_an_opaque_scan_with_a_transparent_margin_keeps_its_paper(tmp_path):
+    """Dark ink on white paper, padded with a transparent margin: the margin is paper, not
+    ink (it must not turn the whole card into one white block)."""
+    card = 1.0 - ring()
+    rgba = np.zeros((200, 200, 4), np.uint8)
+    rgba[40:160, 40:160, :3] = np.round(card * 255)[..., None]
+    rgba[40:160, 40:160, 3] = 255
+    path = tmp_path / "card.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    out = preprocess.load_digit(path)[..., 0]
+    assert np.abs(out.astype(int) - preprocess.to_mnist(ring())).max() <= 2
+    check_mnist_like(out)
+
+
+def test_a_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="a folder; give image files"):
+        preprocess.load_digit(tmp_path)
+
+
 def test_a_blank_image_is_a_clear_error(tmp_path):
     path = save(np.full((50, 50), 0.9), tmp_path / "blank.png")
     with pytest.raises(DataError, match="no ink found"):
