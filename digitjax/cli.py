@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 from .config import PARALLEL_MODES
 
@@ -389,13 +390,11 @@ def cmd_predict(args) -> int:
 
     if args.top < 1:
         raise UsageError("--top must be >= 1")
+    saved = _save_input_paths(args.images, args.save_input) if args.save_input else []
     # Every image is read before the checkpoint: a bad file fails in a fraction of a second.
     images = load_digits(args.images, progress=len(args.images) > 20)
-    if args.save_input:
-        from pathlib import Path
-
-        for path, image in zip(args.images, images, strict=True):
-            save_digit(image, Path(args.save_input) / f"{Path(path).stem}_28x28.png")
+    for path, image in zip(saved, images[:len(saved)], strict=True):
+        save_digit(image, path)
     predictor = Predictor.from_run(args.run_dir, args.checkpoint)
     predictions = predictor.predict(images, top=args.top)
     if args.json:
@@ -409,10 +408,31 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _save_input_paths(images: list[str], folder: str) -> list[Path]:
+    """Where `--save-input` writes each image's 28x28: `<stem>_28x28.png`, numbered
+    (`<stem>-1_28x28.png`, ...) when several inputs share a stem; never onto an input."""
+    stems = [Path(p).stem for p in images]
+    seen: dict[str, int] = {}
+    out = []
+    for stem in stems:
+        if stems.count(stem) > 1:
+            seen[stem] = seen.get(stem, 0) + 1
+            stem = f"{stem}-{seen[stem]}"
+        out.append(Path(folder) / f"{stem}_28x28.png")
+    inputs = {Path(p).resolve() for p in images}
+    for path in out:
+        if path.resolve() in inputs:
+            raise UsageError(f"--save-input {folder} would overwrite the input {path}; "
+                             "choose another folder")
+    return out
+
+
 def cmd_kaggle(args) -> int:
     from .kaggle import make_submission, read_kaggle_csv
     from .predict import Predictor
 
+    if Path(args.output).resolve() == Path(args.test).resolve():
+        raise UsageError(f"-o {args.output} is the --test file itself; choose another output")
     images, _ = read_kaggle_csv(args.test, labelled=False)  # fail fast, before the model
     predictor = Predictor.from_run(args.run_dir, args.checkpoint)
     report = make_submission(predictor, images, args.output, progress=not args.no_progress)

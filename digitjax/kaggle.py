@@ -123,7 +123,10 @@ def write_submission(path: str | os.PathLike, labels) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [SUBMISSION_HEADER, *(f"{i},{int(y)}" for i, y in enumerate(labels, start=1))]
-    path.write_text("\n".join(rows) + "\n")
+    # Written beside, then renamed: a failed write never leaves a cut-off submission.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(rows) + "\n")
+    os.replace(tmp, path)
     return path
 
 

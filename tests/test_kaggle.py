@@ -53,6 +53,16 @@ def test_submission_from_an_mnist_run_is_written_and_flagged(run_dir, mnist_idx,
     assert sum(report["label_counts"]) == 200 and report["images"] == 200
 
 
+def test_the_output_may_not_be_the_test_csv(run_dir, mnist_idx, tmp_path, capsys):
+    _, (tx, _) = mnist_idx
+    test = kaggle.write_kaggle_csv(tmp_path / "test.csv", tx[:20])
+    before = test.read_bytes()
+    code, _, err = run_cli(capsys, "kaggle", run_dir, "--test", test, "-o",
+                           tmp_path / "." / "test.csv", "--no-progress")
+    assert code == 2 and "is the --test file itself" in err
+    assert test.read_bytes() == before
+
+
 def test_only_a_run_trained_on_kaggle_train_csv_is_not_flagged():
     assert kaggle.leakage_warning({"config": {"data": {"dataset": "kaggle"}}}) is None
     assert "mnist" in kaggle.leakage_warning({"config": {"data": {"dataset": "mnist"}}})

@@ -56,6 +56,29 @@ def test_plain_output_is_one_line_per_image(run_dir, mnist_idx, tmp_path, capsys
     assert seen.size == (28, 28)
 
 
+def test_save_input_never_overwrites(run_dir, mnist_idx, tmp_path, capsys):
+    _, (images, labels) = mnist_idx
+    for sub, i in (("a", 0), ("b", 1)):  # two inputs named x: two files, one per input
+        (tmp_path / sub).mkdir()
+        as_photo(images[i], tmp_path / sub / "x.png")
+    seen = tmp_path / "seen"
+    code, _, err = run_cli(capsys, "predict", run_dir, tmp_path / "a" / "x.png",
+                           tmp_path / "b" / "x.png", "--save-input", seen)
+    assert code == 0, err
+    for k, i in ((1, 0), (2, 1)):
+        saved = np.asarray(Image.open(seen / f"x-{k}_28x28.png"))
+        expected = preprocess.load_digit(tmp_path / ("a", "b")[i] / "x.png")[..., 0]
+        np.testing.assert_array_equal(saved, expected)
+    # An input named like an output in the same folder is refused, before anything is written.
+    as_photo(images[2], tmp_path / "y.png")
+    as_photo(images[3], tmp_path / "y_28x28.png")
+    before = (tmp_path / "y_28x28.png").read_bytes()
+    code, _, err = run_cli(capsys, "predict", run_dir, tmp_path / "y.png",
+                           tmp_path / "y_28x28.png", "--save-input", tmp_path)
+    assert code == 2 and "would overwrite the input" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "y_28x28.png").read_bytes() == before
+
+
 def test_predictor_top_classes_agree_with_its_probabilities(predictor, mnist_idx):
     _, (images, labels) = mnist_idx
     probs = predictor.probabilities(images[:50])
