@@ -359,9 +359,34 @@ def _ensure(
 ):
     info = _dataset(dataset)
     data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    if not _is_prepared(_version_dir(dataset, data_dir)):
-        _prepare_tfds(info, data_dir, idx_dir, download, verify, progress)
+    version_dir = _version_dir(dataset, data_dir)
+    if not _is_prepared(version_dir):
+        # Processes starting together (sweep shards, seeds on several devices) prepare
+        # once: the others wait, then find it prepared.
+        with _prepare_lock(data_dir, dataset):
+            if not _is_prepared(version_dir):
+                _prepare_tfds(info, data_dir, idx_dir, download, verify, progress)
     return info, _open_prepared(info, data_dir)
+
+
+@contextlib.contextmanager
+def _prepare_lock(data_dir: Path, dataset: str) -> Iterator[None]:
+    """An exclusive lock per (data dir, data set), held while preparing it.
+
+    The lock file lives in the temp folder, not the data dir, so a failed preparation
+    still leaves the data dir as it found it.
+    """
+    import fcntl
+    import tempfile
+
+    key = hashlib.sha256(f"{data_dir.resolve()}|{dataset}".encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"digitjax-prepare-{key}.lock"
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # --- cache of decoded full splits ------------------------------------------------------

@@ -230,6 +230,7 @@ def _ranges(split: str, n: int) -> list[tuple[str, int, int]]:
 
 
 class _Size:
-    # What tfds's split resolution reads from a split's info.
+    # What tfds's split resolution reads from a split's info: train.csv is one shard.
     def __init__(self, num_examples: int):
         self.num_examples = num_examples
+        self.shard_lengths = [num_examples]

@@ -4,6 +4,7 @@ import gzip
 import json
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -382,6 +383,57 @@ def test_corrupt_cache_is_rebuilt(prepared_mnist):
     np.testing.assert_array_equal(images, good_images)
     np.testing.assert_array_equal(labels, good_labels)
     assert cache.read_bytes() != bytes(raw)  # rewritten
+
+
+@pytest.mark.parametrize("stale", ["fingerprint", "content"])
+def test_a_well_formed_but_stale_cache_is_rebuilt(prepared_mnist, stale):
+    """A readable cache that no longer matches its source (other record files, or arrays
+    changed without their hash) is decoded again, not served."""
+    cache = prepared_mnist / "mnist/3.0.1" / data.CACHE_DIRNAME / "test.npz"
+    good_images, good_labels = data.load_split("mnist", "test")
+    with np.load(cache) as f:
+        fields = dict(f)
+    if stale == "fingerprint":
+        fields["fingerprint"] = np.array("10000:1:[10000]")
+    else:
+        fields["images"] = fields["images"][::-1].copy()  # same examples, another order
+    with open(cache, "wb") as f:
+        np.savez(f, **fields)
+    images, labels = data.load_split("mnist", "test")
+    np.testing.assert_array_equal(images, good_images)
+    np.testing.assert_array_equal(labels, good_labels)
+    with np.load(cache) as f:  # rewritten from the records
+        np.testing.assert_array_equal(f["images"], good_images)
+        assert str(f["fingerprint"]) != "10000:1:[10000]"
+
+
+PREPARE_SLOWLY = """
+import sys, time
+import digitjax
+from digitjax import data, tfds_builders
+generate = tfds_builders._IdxSourceMixin._split_generators
+def slow(self, dl_manager):  # both processes are inside a preparation at once
+    time.sleep(4)
+    return generate(self, dl_manager)
+tfds_builders._IdxSourceMixin._split_generators = slow
+data.prepare("mnist", data_dir=sys.argv[1], idx_dir=sys.argv[2], verify=False, progress=False)
+print(len(data.load_split("mnist", "train", data_dir=sys.argv[1], verify=False)[1]))
+"""
+
+
+def test_processes_preparing_one_data_dir_at_once_all_succeed(tmp_path):
+    """Sweep shards or seeds started together on a fresh machine: one prepares, the others
+    wait and use it (before, the second one failed renaming TFDS's folder)."""
+    import subprocess
+
+    write_tiny_idx(tmp_path / "idx")
+    argv = [sys.executable, "-c", PREPARE_SLOWLY, str(tmp_path / "tfds"), str(tmp_path / "idx")]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert out.split() == ["50"]
 
 
 # --- other data sets ------------------------------------------------------------------------

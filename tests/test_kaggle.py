@@ -119,6 +119,8 @@ def test_kaggle_train_csv_is_a_data_set_with_split_syntax(kaggle_train_csv, mnis
     np.testing.assert_array_equal(labels, y[540:600])
     with pytest.raises(DataError, match="train.csv is the only split"):
         data.load_split("kaggle", "test")
+    images, _ = data.load_split("kaggle", "train[:1shard]")  # train.csv is one shard
+    np.testing.assert_array_equal(images, x[:600])
     config = registry.resolve("quick", ["data.dataset=kaggle", "data.train_split=train[:400]",
                                         "data.val_split=train[400:500]",
                                         "data.test_split=train[500:]"])
