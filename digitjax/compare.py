@@ -11,6 +11,7 @@ so are runs made on another kind of device (CPU and GPU numbers differ, speed ab
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import re
@@ -151,18 +152,21 @@ def select(results: list[RunResult], names: list[str], where: str) -> dict[str, 
 
 
 def format_table(rows: dict[str, list]) -> str:
-    """Mean +- sample std over completed seeds; n counts them."""
+    """Mean +- sample std over completed seeds (one seed: its value alone); n counts them."""
     cells = [["experiment", "n"] + [title for _, title, _, _ in COLUMNS]]
-    unfinished = 0
+    left_out = collections.Counter()
     for label, runs in rows.items():
         done = [r for r in runs if r.completed]
-        unfinished += len(runs) - len(done)
+        left_out.update(r.summary.get("status") or "unfinished" for r in runs
+                        if not r.completed)
         line = [label, str(len(done))]
         for key, _, scale, decimals in COLUMNS:
             values = [scale * r.summary[key] for r in done if r.summary.get(key) is not None]
-            if values:
+            if len(values) > 1:
                 m, sd = mean_std(values)
                 line.append(f"{m:,.{decimals}f} +- {sd:,.{decimals}f}")
+            elif values:  # no spread to show
+                line.append(f"{values[0]:,.{decimals}f}")
             else:
                 line.append("-")
         cells.append(line)
@@ -173,8 +177,9 @@ def format_table(rows: dict[str, list]) -> str:
                                                                          strict=True)]
         lines.append("  ".join(padded).rstrip())
     text = "\n".join(lines)
-    if unfinished:
-        text += f"\n({unfinished} unfinished run(s) not counted)"
+    if left_out:
+        text += "\n(not counted: " + ", ".join(
+            f"{n} {status} run{'s' * (n > 1)}" for status, n in sorted(left_out.items())) + ")"
     return text
 
 

@@ -16,14 +16,11 @@ import math
 from pathlib import Path
 
 from . import records, registry
-from .config import ConfigError
+from .config import ConfigError, config_hash
 from .loop import mean_std
 
 RESULTS = Path("results")
 TIMING_UNITS = {"train_seconds": "s", "images_per_second": "img/s"}
-# Two-sided 95% Student t quantiles by degrees of freedom (n - 1); normal beyond 30.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-       9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
 
 
 def default_workdir(study: str) -> Path:
@@ -114,14 +111,26 @@ def collect(study_name: str, workdir=None) -> tuple[list[Row], list[dict]]:
 
     workdir = Path(workdir) if workdir else default_workdir(study_name)
     study = registry.get_study(study_name)
+    if not any((workdir / name).is_dir() for name in study.experiments):
+        raise ConfigError(f"{workdir} holds no run of study {study_name!r} (expected folders "
+                          f"{', '.join(study.experiments)}); check --workdir")
     rows, envs = [], []
     for name in study.experiments:
         config = registry.get(name).config
+        expected = config_hash(config)
         summaries, wall = [], 0.0
         for seed in config.seeds:
             run_dir = records.run_dir(workdir, name, seed, {})
             if (run_dir / records.SUMMARY).exists():
                 summaries.append(records.read_json(run_dir / records.SUMMARY))
+                if summaries[-1].get("config_hash") != expected:
+                    # A table describes the registered experiments: an older recipe's run
+                    # would be averaged in under the current one's name.
+                    raise ConfigError(
+                        f"{run_dir} was made with another config "
+                        f"({summaries[-1].get('config_hash')}; {name} is now {expected}): "
+                        f"retrain it (digitjax run {name} --seed {seed} --fresh"
+                        f" --workdir {workdir}) or restore the experiment's definition")
                 record = records.read_json(run_dir / records.CONFIG)
                 k = record.get("execution", {}).get("seeds_per_program", 1)
                 envs.append({**record.get("environment", {}), "seeds_per_program": k})
@@ -141,7 +150,7 @@ def collect(study_name: str, workdir=None) -> tuple[list[Row], list[dict]]:
             mflops=model_flops(config) / 1e6, epochs=config.train.epochs,
             train_seconds=mean_std([s["train_seconds"] for s in done])[0],
             images_per_second=mean_std([s["images_per_second"] for s in done])[0],
-            ensemble=_ensemble_accuracy(workdir / name), wall_seconds=wall))
+            ensemble=_ensemble_accuracy(workdir / name, done), wall_seconds=wall))
     return rows, envs
 
 
@@ -154,20 +163,26 @@ def _facts(envs: list[dict], describe) -> str:
     return "; ".join(f"{v} ({n} run{'s' * (n > 1)})" for v, n in sorted(counts.items()))
 
 
-def _ensemble_accuracy(folder: Path) -> float | None:
-    from .ensemble import ENSEMBLE
+def _ensemble_accuracy(folder: Path, done: list[dict]) -> float | None:
+    """The recorded ensemble's test accuracy (%), if it was made from exactly these runs
+    (a seed retrained, diverged or missing since makes the record stale: not shown)."""
+    from .ensemble import ENSEMBLE, _describes
 
     path = folder / ENSEMBLE
-    return 100 * records.read_json(path)["accuracy"] if path.exists() else None
+    if not path.exists():
+        return None
+    record = records.read_json(path)
+    return 100 * record["accuracy"] if _describes(record, done) else None
 
 
 def ci95(sd: float, n: int) -> float:
-    """Half-width of the 95% confidence interval of a mean of n values."""
+    """Half-width of the 95% confidence interval of a mean of n values (Student t, n - 1
+    degrees of freedom)."""
+    from scipy import stats  # a dependency of jax
+
     if n < 2 or math.isnan(sd):
         return math.nan
-    dof = n - 1
-    t = T95.get(dof) or next((T95[k] for k in sorted(T95) if k >= dof), 1.96)
-    return t * sd / math.sqrt(n)
+    return float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
 def _f(x, fmt: str) -> str:
@@ -197,8 +212,10 @@ def render(study_name: str, rows: list[Row], envs: list[dict], workdir: Path | N
              "time, images/s per seed." if k > 1 else "")
     lines += ["", "Test accuracy is that of each run's checkpoint chosen on validation "
               "(a split carved from the training set, `data.val_split`); diverged runs are "
-              "counted apart, never averaged in. Train seconds and images/s are per seed "
-              f"(training loop only).{group}", "",
+              "counted apart, never averaged in. The 95% CI is Student t's (n - 1 degrees of "
+              "freedom). The ensemble averages the logits of the finished seeds' reported "
+              "checkpoints. Train seconds and images/s are per seed (training loop only)."
+              f"{group}", "",
               *_selected(rows),
               f"- Wall time: {_hours(sum(r.wall_seconds for r in rows))} for the "
               f"{sum(r.completed for r in rows)} finished runs (each run start to finish: "
@@ -272,13 +289,16 @@ def shown_workdir(study_name: str, workdir=None) -> Path | None:
 
 
 def _selected(rows: list[Row]) -> list[str]:
-    """The experiment a reader would pick: the best mean validation accuracy (never test)."""
-    done = [r for r in rows if r.completed]
-    if len(done) < 2:
+    """The experiment a reader would pick: the best mean validation accuracy (never test),
+    among the experiments whose seeds have all finished (a mean of fewer is not comparable)."""
+    complete = [r for r in rows if r.completed == r.seeds]
+    if len(complete) < 2:
         return []
-    best = max(done, key=lambda r: r.val_mean)
-    return [f"- Selected on validation: `{best.experiment}` (mean val {best.val_mean:.2f}%, "
-            f"test {_mean_std(best, '%')})"]
+    best = max(complete, key=lambda r: r.val_mean)
+    among = "" if len(complete) == len(rows) else \
+        f" among the {len(complete)} experiments with all their seeds"
+    return [f"- Selected on validation{among}: `{best.experiment}` (mean val "
+            f"{best.val_mean:.2f}%, test {_mean_std(best, '%')})"]
 
 
 def _mean_std(r: Row, unit: str = "") -> str:
@@ -289,13 +309,20 @@ def _mean_std(r: Row, unit: str = "") -> str:
 
 
 def wandb_sweep_config(study_name: str) -> str:
-    """A W&B Sweeps config (grid over the study's experiments and seeds) as YAML text."""
+    """A W&B Sweeps config (grid over the study's experiments and seeds) as YAML text.
+
+    Its project is the one `digitjax run` would log to now ($WANDB_PROJECT or digitjax): a
+    sweep's runs go to the sweep's project, so `compare --wandb` finds them there.
+    """
+    import os
+
     study = registry.get_study(study_name)
     seeds = sorted({s for n in study.experiments for s in registry.get(n).config.seeds})
     exps = ", ".join(study.experiments)
     return "\n".join([
         "# wandb sweep this file, then run `wandb agent <sweep id>` on each machine",
         f"name: digitjax-{study_name}",
+        f"project: {os.environ.get('WANDB_PROJECT') or 'digitjax'}",
         "program: digitjax",
         "method: grid",
         "parameters:",

@@ -39,7 +39,9 @@ def test_shards_partition_the_plan_deterministically():
 
 
 def test_ci95_uses_student_t():
-    assert study.ci95(1.0, 5) == pytest.approx(2.776 / 5 ** 0.5)
+    # t quantiles from tables of Student's t (two-sided 95%): 4, 11 and 40 degrees of freedom.
+    for n, t in ((5, 2.776), (12, 2.201), (41, 2.021)):
+        assert study.ci95(1.0, n) == pytest.approx(t / n ** 0.5, abs=1e-3), n
     assert study.ci95(1.0, 1) != study.ci95(1.0, 1)  # nan for one value
 
 
@@ -53,7 +55,12 @@ def test_a_single_finished_seed_shows_no_spread():
                                 val_mean=84.0, test_mean=90.0)
     md = study.render("smoke", [row, other], [])[0]
     assert "| 1/2 | 83.50 (1 seed) |" in md and "| 2/2 | 90.00 +- 0.10 |" in md
-    assert "test 90.00 +- 0.10%)" in md
+    assert "Selected on validation" not in md  # one complete experiment: nothing to choose
+    # An unfinished experiment is never chosen, even with the best validation mean so far.
+    third = dataclasses.replace(other, experiment="smoke_third", val_mean=83.5, test_mean=91.0)
+    md = study.render("smoke", [dataclasses.replace(row, val_mean=99.0), other, third], [])[0]
+    assert ("- Selected on validation among the 2 experiments with all their seeds: "
+            "`smoke_lean_cnn` (mean val 84.00%, test 90.00 +- 0.10%)") in md
 
 
 def test_sweep_is_resumable_and_the_table_is_rebuilt_from_records(prepared_mnist, tmp_path):
@@ -86,6 +93,17 @@ def test_sweep_is_resumable_and_the_table_is_rebuilt_from_records(prepared_mnist
     assert study.table("smoke", workdir=tmp_path, out_dir=out, check=True)
     study.table("smoke", workdir=tmp_path, out_dir=out)
     assert "1/2 (1 diverged)" in (out / "smoke.md").read_text()
+    # Its ensemble record still describes 2 finished seeds: stale, no longer shown.
+    ensembles = {r["experiment"]: r["ensemble"] for r in csv.DictReader(open(out / "smoke.csv"))}
+    assert ensembles["smoke_linear"] == "" and float(ensembles["smoke_lean_cnn"]) > 50
+    # A run made with another config (an older recipe) is refused, not averaged in.
+    records.write_json(summary, {**s, "config_hash": "0123456789ab"})
+    with pytest.raises(ConfigError, match="smoke_linear/seed1 was made with another config"):
+        study.table("smoke", workdir=tmp_path, out_dir=out, check=True)
+    records.write_json(summary, s)
+    # A workdir with none of the study's runs (a typo) is an error, not an empty table.
+    with pytest.raises(ConfigError, match="holds no run of study 'smoke'"):
+        study.table("smoke", workdir=tmp_path / "smok", out_dir=out)
     # Runs made with other flags (a study continued elsewhere): the table says so, with counts.
     config = tmp_path / "smoke_lean_cnn" / "seed0" / records.CONFIG
     c = records.read_json(config)
@@ -94,6 +112,26 @@ def test_sweep_is_resumable_and_the_table_is_rebuilt_from_records(prepared_mnist
     study.table("smoke", workdir=tmp_path, out_dir=out)
     facts = (out / "smoke.md").read_text().split("- XLA flags: ")[1].splitlines()[0]
     assert facts == f"`--x=1` (1 run); `{flags}` (3 runs)"
+
+
+def test_wandb_sweep_config_is_a_grid_that_digitjax_run_accepts(monkeypatch):
+    import yaml
+
+    from digitjax import cli
+
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    config = yaml.safe_load(study.wandb_sweep_config("smoke"))
+    assert (config["program"], config["method"], config["project"]) == (
+        "digitjax", "grid", "digitjax")
+    assert config["parameters"]["experiment"]["values"] == ["smoke_linear", "smoke_lean_cnn"]
+    assert config["parameters"]["seed"]["values"] == [0, 1]
+    # What `wandb agent` runs: the command with ${args} as --name=value pairs.
+    argv = [a for a in config["command"][1:] if a != "${args}"]
+    args = cli._parser().parse_args([*argv, "--experiment=smoke_lean_cnn", "--seed=1"])
+    assert (args.command, args.experiment, args.seed) == ("run", "smoke_lean_cnn", 1)
+    assert args.workdir == "results/runs/smoke"
+    monkeypatch.setenv("WANDB_PROJECT", "mine")
+    assert yaml.safe_load(study.wandb_sweep_config("smoke"))["project"] == "mine"
 
 
 def test_committed_tables_match_their_committed_records():
@@ -128,6 +166,9 @@ def test_a_committed_run_is_reproduced_by_the_code(prepared_mnist, tmp_path):
     summary = records.read_json(new_dir / records.SUMMARY)
     old = records.read_json(run_dir / records.SUMMARY)
     assert summary["final_param_hash"] == old["final_param_hash"]
+    # What the table reads (accuracies, the checkpoint chosen) as well as the curves.
+    assert {k: v for k, v in summary.items() if k not in TIMING} == {
+        k: v for k, v in old.items() if k not in TIMING}
     strip = [{k: v for k, v in r.items() if k not in TIMING}
              for r in records.read_metrics(new_dir / records.METRICS)]
     assert strip == [{k: v for k, v in r.items() if k not in TIMING}

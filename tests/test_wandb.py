@@ -419,9 +419,9 @@ def test_compare_prints_mean_and_std_over_seeds(tmp_path, wandb_env, capsys):
     assert code == 0
     rows = table_rows(out)
     assert rows["a"][1:5] == ["2", "91.00", "+-", "1.41"]  # test acc: mean 91.00, std 1.41
-    assert rows[variant][1:3] == ["1", "50.00"]
+    assert rows[variant][1:3] == ["1", "50.00"] and "+-" not in rows[variant]  # one seed
     assert rows["b"][1:5] == ["3", "98.00", "+-", "1.00"]
-    assert "(1 unfinished run(s) not counted)" in out
+    assert "(not counted: 1 diverged run)" in out
     # Only the named experiments, and NAME+hash exactly.
     assert list(table_rows(compare.compare([variant], workdir=workdir))) == [variant]
 
