@@ -129,8 +129,8 @@ def collect(study_name: str, workdir=None) -> tuple[list[Row], list[dict]]:
                     raise ConfigError(
                         f"{run_dir} was made with another config "
                         f"({summaries[-1].get('config_hash')}; {name} is now {expected}): "
-                        f"retrain it (digitjax run {name} --seed {seed} --fresh"
-                        f" --workdir {workdir}) or restore the experiment's definition")
+                        f"move that folder aside and rerun `digitjax sweep {study_name} "
+                        f"--workdir {workdir}`, or restore the experiment's definition")
                 record = records.read_json(run_dir / records.CONFIG)
                 k = record.get("execution", {}).get("seeds_per_program", 1)
                 envs.append({**record.get("environment", {}), "seeds_per_program": k})
