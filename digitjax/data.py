@@ -365,6 +365,8 @@ def _ensure(
         # once: the others wait, then find it prepared.
         with _prepare_lock(data_dir, dataset):
             if not _is_prepared(version_dir):
+                # What killed preparations left (TFDS never reads or removes it).
+                _remove_stale((data_dir / dataset).glob("incomplete.*"))
                 _prepare_tfds(info, data_dir, idx_dir, download, verify, progress)
     return info, _open_prepared(info, data_dir)
 
@@ -387,6 +389,22 @@ def _prepare_lock(data_dir: Path, dataset: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_stale(paths, min_age_s: float = 3600.0) -> None:
+    """Remove leftovers of killed writers: files or folders untouched for `min_age_s` (a
+    younger one may belong to a process still writing it). Never fatal."""
+    import shutil
+    import time
+
+    for p in paths:
+        with contextlib.suppress(OSError):
+            if time.time() - p.stat().st_mtime <= min_age_s:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
 
 # --- cache of decoded full splits ------------------------------------------------------
@@ -446,6 +464,7 @@ def _write_cache(path: Path, images, labels, digest: str, fingerprint: str) -> N
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        _remove_stale(path.parent.glob(f".{path.name}.*.tmp"))  # left by killed writers
     except OSError as e:
         # A read-only shared data dir still works, just without the speed-up.
         log.warning("cannot write cache %s (%s); continuing without it", path, e)

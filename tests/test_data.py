@@ -407,6 +407,35 @@ def test_a_well_formed_but_stale_cache_is_rebuilt(prepared_mnist, stale):
         assert str(f["fingerprint"]) != "10000:1:[10000]"
 
 
+def test_leftovers_of_killed_writers_are_removed_once_stale(prepared_mnist, tmp_path):
+    import os
+    import time
+
+    def leftover(path: Path, age_s: float) -> Path:
+        if "incomplete" in path.name:
+            path.mkdir(parents=True)
+        else:
+            path.write_bytes(b"x")
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+        return path
+
+    # A killed preparation's TFDS folder: removed by the next preparation if over an hour old.
+    write_tiny_idx(tmp_path / "idx")
+    old = leftover(tmp_path / "tfds" / "mnist" / "incomplete.AAAAAA_3.0.1", 7200)
+    young = leftover(tmp_path / "tfds" / "mnist" / "incomplete.BBBBBB_3.0.1", 60)
+    data.prepare("mnist", data_dir=tmp_path / "tfds", idx_dir=tmp_path / "idx", verify=False,
+                 progress=False)
+    assert not old.exists() and young.exists()  # a young one may be another writer's
+    # A killed cache writer's temp file: removed by the next cache write.
+    cache = prepared_mnist / "mnist/3.0.1" / data.CACHE_DIRNAME
+    old = leftover(cache / ".test.npz.123.deadbeef.tmp", 7200)
+    young = leftover(cache / ".test.npz.456.cafecafe.tmp", 60)
+    (cache / "test.npz").unlink()
+    data.load_split("mnist", "test")
+    assert not old.exists() and young.exists() and (cache / "test.npz").exists()
+    young.unlink()
+
+
 PREPARE_SLOWLY = """
 import sys, time
 import digitjax
