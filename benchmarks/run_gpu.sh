@@ -27,17 +27,20 @@ step "time to accuracy: fast, 5 seeds, one process each"
 $py benchmarks/time_to_accuracy.py --results "benchmarks_$kind" --force --timeout 120
 
 step "5 seeds of fast in one vmapped program, twice (the same numbers both times?)"
+det=$(mktemp -d)  # fresh folders: finished runs in old ones would be skipped, not rerun
 for w in a b; do
   $py -m digitjax run fast --seeds 0-4 --parallel vmap --no-progress --no-plots \
-    --wandb off --workdir "/tmp/digitjax_fast_$w" | tail -2
+    --wandb off --workdir "$det/$w" | tail -2
 done
-$py - <<'EOF'
-import json, pathlib
+$py - "$det" <<'EOF'
+import json, pathlib, sys
 h = [{p.parent.name: json.loads(p.read_text())["final_param_hash"]
-      for p in sorted(pathlib.Path(f"/tmp/digitjax_fast_{w}").glob("*/seed*/summary.json"))}
-     for w in "ab"]
-print("deterministic across two runs:", h[0] == h[1] and len(h[0]) == 5, h[0])
+      for p in sorted(pathlib.Path(sys.argv[1], w).glob("*/seed*/summary.json"))} for w in "ab"]
+same = h[0] == h[1] and len(h[0]) == 5
+print("deterministic across two runs:", same, h[0])
+sys.exit(0 if same else 1)
 EOF
+deterministic=$?
 
 step "throughput vs the Flax example's loop"
 $py benchmarks/throughput.py --flag on --steps 1000 --warmup 200 --rounds 3 \
@@ -57,4 +60,7 @@ else
   code=3
 fi
 step done
+if [ "$deterministic" -ne 0 ]; then
+  echo "=== two runs of fast differed (or did not finish): not deterministic"; code=1
+fi
 exit $code
