@@ -102,15 +102,19 @@ def run_mode(mode: str, args) -> dict:
 
 def summarize(runs: list[dict], args) -> dict:
     by_mode = {m: [r for r in runs if r["mode"] == m] for m in args.modes}
-    base_hashes = {s["seed"]: s["final_param_hash"] for r in by_mode.get("sequential", [])
-                   for s in r["seeds"]}
-    base_acc = {s["seed"]: s["test_accuracy"] for r in by_mode.get("sequential", [])
-                for s in r["seeds"] if s["test_accuracy"] is not None}
+    # The baseline is the first finished sequential run; every other run is checked
+    # against it, each repeat on its own (the sequential mode's own repeats included).
+    base_run = next((r for r in by_mode.get("sequential", []) if r["returncode"] == 0), None)
+    base_seeds = base_run["seeds"] if base_run else []
+    base_hashes = {s["seed"]: s["final_param_hash"] for s in base_seeds}
+    base_acc = {s["seed"]: s["test_accuracy"] for s in base_seeds
+                if s["test_accuracy"] is not None}
     modes = {}
     for mode, rs in by_mode.items():
         ok = [r for r in rs if r["returncode"] == 0]
         seeds = [s for r in ok for s in r["seeds"]]
-        hashes = {s["seed"]: s["final_param_hash"] for s in seeds}
+        checked = [{s["seed"]: s["final_param_hash"] for s in r["seeds"]} for r in ok
+                   if r is not base_run]
         modes[mode] = {
             "runs": len(rs), "failed": len(rs) - len(ok),
             "timed_out": sum(r["timed_out"] for r in rs),
@@ -126,8 +130,9 @@ def summarize(runs: list[dict], args) -> dict:
             "images_per_second_per_seed": _common.median(
                 [s["images_per_second"] for s in seeds]),
             "mean_test_accuracy": _common.mean_std([s["test_accuracy"] for s in seeds])[0],
-            "same_params_as_sequential": (hashes == base_hashes) if base_hashes and ok
-            else None,
+            # None: nothing to compare (no baseline, or the baseline run alone).
+            "same_params_as_sequential": all(h == base_hashes for h in checked)
+            if base_hashes and checked else None,
             "max_test_accuracy_diff_vs_sequential": max(
                 (abs(s["test_accuracy"] - base_acc[s["seed"]]) for s in seeds
                  if s["seed"] in base_acc and s["test_accuracy"] is not None), default=None),
