@@ -23,7 +23,7 @@ import numpy as np
 
 from . import records, steps
 from .loop import StopOnSignal, TrainingLoop, train_lockstep
-from .train import Trainer, chunk_sizes
+from .train import Trainer
 
 # The train step's arguments: state, images, labels, perm, offset, augment key, dropout key.
 _SEED_AXES = (0, None, None, 0, None, 0, 0)
@@ -46,12 +46,7 @@ class GroupTrainer(Trainer):
         g = copy.copy(trainer)
         g.__class__ = cls
         g.execution = dataclasses.replace(trainer.execution, seeds_per_program=k)
-        step = jax.vmap(trainer.train_step, in_axes=_SEED_AXES)
-        g._chunks = {n: steps.make_train_chunk(step, num_steps=n,
-                                               batch_size=trainer.config.train.batch_size,
-                                               loop=trainer.execution.loop)
-                     for n in set(chunk_sizes(trainer.steps_per_epoch,
-                                              trainer.execution.steps_per_call))}
+        g._chunk_step = jax.vmap(trainer.train_step, in_axes=_SEED_AXES)
         g._compiled = {}
         return g
 

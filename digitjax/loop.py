@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import sys
@@ -46,6 +47,7 @@ class TrainingLoop:
         self.last_saved_step: int | None = None
         self.best: dict | None = None  # the eval chosen on validation so far
         self.last_eval: dict | None = None
+        self.earlier_execution: dict | None = None  # a resumed checkpoint's, when it differs
 
     # -- records -------------------------------------------------------------------------
     def _row(self, step: int, epoch: float, split: str, metrics: dict) -> dict:
@@ -126,6 +128,7 @@ class TrainingLoop:
             "train_seconds": self.train_seconds,
             "eval_seconds": self.eval_seconds,
             "wall_seconds": time.perf_counter() - self.t_start,
+            "execution": dataclasses.asdict(tr.execution),
         }
 
     def _resume(self, ckpts: checkpoint.RunCheckpoints):
@@ -152,6 +155,16 @@ class TrainingLoop:
                               f"config ({meta['config_hash']}, this is {tr.config_hash}); "
                               "use --fresh or another --workdir")
         self.best, self.last_eval = meta["best"], meta["last_eval"]
+        before = meta.get("execution")  # older checkpoints did not record it
+        if before is not None and before != dataclasses.asdict(tr.execution):
+            # Another backend, precision or chunking trains the same steps but may round
+            # differently: the record keeps both, so the numbers can be read right.
+            self.earlier_execution = before
+            changed = ", ".join(f"{k} {before[k]} -> {v}" for k, v in
+                                dataclasses.asdict(tr.execution).items() if before.get(k) != v)
+            print(f"digitjax: warning: {self.run_dir}: resuming step {step}, trained before "
+                  f"with other settings ({changed}); the results may differ from an "
+                  "uninterrupted run's in the last digits", file=sys.stderr)
         self.train_seconds, self.eval_seconds = meta["train_seconds"], meta["eval_seconds"]
         # Row times and total_seconds go on from the earlier attempts' wall (up to this
         # checkpoint), as train_seconds does; older checkpoints did not record it.
@@ -178,8 +191,10 @@ class TrainingLoop:
             state, step, window = tr.init_state(self.seed), 0, []
         else:
             state, step, window = resumed
-        config_record = tr.config_record(self.seed, {**self.extra_config, "resumed_from_step":
-                                                     step if resumed else None})
+        extra = {**self.extra_config, "resumed_from_step": step if resumed else None}
+        if self.earlier_execution is not None:
+            extra["execution_before_resume"] = self.earlier_execution
+        config_record = tr.config_record(self.seed, extra)
         records.write_json(self.run_dir / records.CONFIG, config_record)
         for logger in self.loggers:
             logger.start(config_record, self.run_dir)
@@ -316,8 +331,13 @@ def train_lockstep(tr: Trainer, members: list[TrainingLoop], state, step: int, w
         offset = 0
         for n in sizes:
             if epoch == first_epoch and offset < start_offset:
-                offset += n * batch  # done before the checkpoint we resumed from
-                continue
+                if offset + n * batch <= start_offset:
+                    offset += n * batch  # done before the checkpoint we resumed from
+                    continue
+                # The checkpoint fell inside this chunk (it was saved with another
+                # steps_per_call, e.g. on another backend): train the chunk's rest only.
+                n -= (start_offset - offset) // batch
+                offset = start_offset
             state, metrics = tr.run_chunk(state, n, perm, offset, keys)
             faults.point("chunk")
             window.append(metrics)

@@ -202,11 +202,8 @@ class Trainer:
             ema_warmup=t.ema_warmup, ema_batch_stats=t.ema_batch_stats,
             matmul_precision=precision, batch_sharding=batch, state_sharding=replicated)
         self.train_step = train_step
-        self._chunks = {
-            n: steps.make_train_chunk(train_step, num_steps=n, batch_size=t.batch_size,
-                                      loop=self.execution.loop)
-            for n in set(chunk_sizes(self.steps_per_epoch, self.execution.steps_per_call))}
-        self._compiled: dict[int, object] = {}
+        self._chunk_step = train_step  # what a chunk repeats (a seed group: vmapped)
+        self._compiled: dict[int, object] = {}  # chunk programs by number of steps
         n = self.execution.data_parallel_devices
         self._eval_batch = steps.make_eval_batch(
             self.graphdef, num_classes=data.num_classes, augment=augment.get(config.augment.name),
@@ -257,24 +254,38 @@ class Trainer:
 
     def compile(self, state: steps.TrainState, keys: dict) -> None:
         """Compile every program the loop runs ahead of time, timing it apart from training."""
-        d = self.data
         t0 = time.perf_counter()
         perm = self.permutation(keys, 0)
         jax.block_until_ready((perm, self.schedule(0)))
-        for n, fn in self._chunks.items():
-            if n not in self._compiled:
-                self._compiled[n] = fn.lower(state, d.train_images, d.train_labels, perm,
-                                             np.int32(0), keys["augment"],
-                                             keys["dropout"]).compile()
         self.compile_seconds += time.perf_counter() - t0
+        for n in set(chunk_sizes(self.steps_per_epoch, self.execution.steps_per_call)):
+            self._program(n, state, perm, keys)
+
+    def _program(self, n: int, state, perm, keys: dict):
+        """The compiled n-step chunk, compiled on first use (timed as compile time).
+
+        `compile` makes the epoch's chunk sizes ahead of time; another size is only needed
+        to finish a chunk that a checkpoint fell inside (saved with another steps_per_call).
+        """
+        if n not in self._compiled:
+            t0 = time.perf_counter()
+            d = self.data
+            fn = steps.make_train_chunk(self._chunk_step, num_steps=n,
+                                        batch_size=self.config.train.batch_size,
+                                        loop=self.execution.loop)
+            self._compiled[n] = fn.lower(state, d.train_images, d.train_labels, perm,
+                                         np.int32(0), keys["augment"], keys["dropout"]).compile()
+            self.compile_seconds += time.perf_counter() - t0
+        return self._compiled[n]
 
     def permutation(self, keys: dict, epoch: int) -> jax.Array:
         return steps.epoch_permutation(keys["data"], epoch, self.data.num_train)
 
     def run_chunk(self, state, n: int, perm, offset: int, keys: dict):
         d = self.data
-        state, metrics = self._compiled[n](state, d.train_images, d.train_labels, perm,
-                                           np.int32(offset), keys["augment"], keys["dropout"])
+        state, metrics = self._program(n, state, perm, keys)(
+            state, d.train_images, d.train_labels, perm, np.int32(offset), keys["augment"],
+            keys["dropout"])
         self._throttle(metrics)
         return state, metrics
 

@@ -285,6 +285,53 @@ def test_a_stop_after_any_chunk_resumes_to_the_uninterrupted_records(mnist_idx, 
         assert resumed_from(tmp_path / str(k)) == 4 * k
 
 
+def test_a_checkpoint_inside_a_chunk_resumes_every_remaining_step(mnist_idx, tmp_path,
+                                                                   monkeypatch, capsys):
+    """steps_per_call left to the backend (12 on a CPU, 100 on a GPU) can differ between the
+    machine that saved a checkpoint and the one resuming it: the chunk the checkpoint falls
+    inside is finished, not skipped (it was, silently: a shorter run marked completed)."""
+    from digitjax import train
+    from digitjax.stop import Interrupted
+
+    auto = ["train.steps_per_call=0", "train.log_every_steps=4", "checkpoint.every_steps=4"]
+
+    def trainer(steps_per_call):
+        monkeypatch.setitem(train.BACKEND_DEFAULTS, "cpu",
+                            {**train.BACKEND_DEFAULTS["cpu"], "steps_per_call": steps_per_call})
+        return small_trainer(mnist_idx, *auto)
+
+    tr = trainer(4)
+    tr.fit(0, tmp_path / "ref", progress=False)
+    reference = records.read_json(tmp_path / "ref" / records.SUMMARY)
+    first, stop, calls = trainer(2), StopAfter(), []
+    run_chunk = first.run_chunk
+
+    def counted(*args):
+        calls.append(1)
+        if len(calls) == 3:  # after step 6: inside the 4-step chunk [4, 8)
+            stop.requested = signal.SIGTERM
+        return run_chunk(*args)
+
+    first.run_chunk = counted
+    with pytest.raises(Interrupted):
+        first.fit(0, tmp_path / "run", progress=False, stop=stop)
+    second = trainer(4)
+    capsys.readouterr()
+    summary = second.fit(0, tmp_path / "run", progress=False, stop=StopAfter())
+    assert resumed_from(tmp_path / "run") == 6
+    # The record and a warning say the run was trained with two chunkings.
+    config = records.read_json(tmp_path / "run" / records.CONFIG)
+    assert config["execution"]["steps_per_call"] == 4
+    assert config["execution_before_resume"]["steps_per_call"] == 2
+    assert "trained before with other settings (steps_per_call 2 -> 4)" in capsys.readouterr().err
+    assert summary["steps"] == reference["steps"] == second.num_steps
+    rows = records.read_metrics(tmp_path / "run" / records.METRICS)
+    ref_rows = records.read_metrics(tmp_path / "ref" / records.METRICS)
+    assert [(r["step"], r["split"]) for r in rows] == [(r["step"], r["split"]) for r in ref_rows]
+    # The same batches in the same order; chunks of 2 and 4 steps may round differently.
+    assert summary["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=0.01)
+
+
 class StopAfter:
     """A stop request the test sets, in place of the SIGINT/SIGTERM handler."""
 
