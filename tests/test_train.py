@@ -1,6 +1,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -303,3 +304,27 @@ def test_select_final_reports_the_last_epoch(mnist_idx, tmp_path):
     test = [r for r in records.read_metrics(tmp_path / records.METRICS) if r["split"] == "test"]
     assert s["selected_step"] == s["steps"] == 32 and s["selected_epoch"] == 2
     assert s["test_accuracy"] == test[-1]["accuracy"]
+
+
+@pytest.mark.parametrize("overrides,random", [
+    (["augment.name=none"], False),  # flax_cnn has no dropout: nothing random in a step
+    (["augment.name=translate"], True),  # a new draw of shifts each step
+    (["augment.name=none", "model.name=bn_cnn_half"], True),  # a new dropout mask each step
+])
+def test_each_step_draws_its_own_augmentation_and_dropout(mnist_idx, overrides, random):
+    """The train step's keys are folded with the step: the same batch at another step sees
+    other augmentation draws and dropout masks, and at the same step the same ones."""
+    import dataclasses
+
+    tr = Trainer(quick_config("train.batch_size=64", *overrides), small_data(mnist_idx))
+    keys, state = tr.keys(0), tr.init_state(0)
+    perm = tr.permutation(keys, 0)
+    step = jax.jit(tr.train_step)
+
+    def loss_at(k):
+        at_k = dataclasses.replace(state, step=jnp.asarray(k, state.step.dtype))
+        return float(step(at_k, tr.data.train_images, tr.data.train_labels, perm,
+                          np.int32(0), keys["augment"], keys["dropout"])[1]["loss"])
+
+    assert loss_at(3) == loss_at(3)
+    assert (loss_at(3) != loss_at(4)) == random
