@@ -23,6 +23,7 @@ import numpy as np
 
 from . import records, steps
 from .loop import StopOnSignal, TrainingLoop, train_lockstep
+from .stop import StoppedBetweenRuns
 from .train import Trainer
 
 # The train step's arguments: state, images, labels, perm, offset, augment key, dropout key.
@@ -77,6 +78,7 @@ def fit_group(trainer: Trainer, runs: list[tuple[int, Path, bool, list]], *,
     for i, (_, step, _) in enumerate(opened):
         by_step[step].append(i)
     ready = time.perf_counter()
+    own_stop = stop is None
     try:
         with (stop or StopOnSignal()) as stop:
             for step, idx in sorted(by_step.items()):
@@ -90,6 +92,8 @@ def fit_group(trainer: Trainer, runs: list[tuple[int, Path, bool, list]], *,
         for m in members:
             m.ckpts.wait()
             m.ckpts.close()
+    if own_stop and stop.requested:  # it came while the members' records were written
+        raise StoppedBetweenRuns
     return [m.summary for m in members]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from . import records
 from .config import PARALLEL_MODES, Config, ConfigError, config_hash
 from .loop import Interrupted, StopOnSignal, mean_std
+from .stop import StoppedBetweenRuns
 
 
 def _abstract_model(config: Config):
@@ -288,6 +289,8 @@ def _run_on_devices(trainer, devices, todo, train_one) -> None:
     if errors:
         first = next((e for e in errors if not isinstance(e, Interrupted)), errors[0])
         raise first
+    if stop.requested:  # it came while no seed was between two compiled calls
+        raise StoppedBetweenRuns
 
 
 def _check_writable(workdir: Path) -> None:

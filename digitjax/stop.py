@@ -14,6 +14,12 @@ class Interrupted(Exception):
         self.step, self.signum = step, signum
 
 
+class StoppedBetweenRuns(KeyboardInterrupt):
+    """SIGINT/SIGTERM arrived after a run's last compiled call (while it was evaluated or
+    its records written) or between runs: nothing is lost, but the process stops instead
+    of going on to the next seed or experiment (the CLI exits 130)."""
+
+
 class StopOnSignal:
     """Turn SIGINT/SIGTERM into a request the loop honours at the next chunk boundary."""
 

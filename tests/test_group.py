@@ -149,3 +149,30 @@ def test_seeds_resumed_at_different_steps_train_in_subgroups(alone_and_grouped, 
         assert record["execution"]["seeds_per_program"] == 1  # each trained in its own group
         assert abs(summary["test_accuracy"] - alone[seed]["test_accuracy"]) <= 0.0005
     assert records.read_json(tmp_path / "s0" / records.CONFIG)["resumed_from_step"] == 16
+
+
+class SignalOnFinish:
+    """A run mirror whose finish() gets a SIGTERM, as if it came while records are written."""
+
+    def start(self, config_record, run_dir):
+        pass
+
+    def log(self, rows):
+        pass
+
+    def finish(self, summary):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_stop_while_the_group_writes_its_records_still_stops(alone_and_grouped):
+    """After the last compiled call nothing is left to save, but the request must not be
+    lost: a sweep would otherwise go on to its next experiment."""
+    from digitjax.stop import StoppedBetweenRuns
+
+    tmp, _, _, trainer = alone_and_grouped
+    runs = [(s, tmp / f"stopped{s}", False, [SignalOnFinish()] if s == 0 else [])
+            for s in (0, 1)]
+    with pytest.raises(StoppedBetweenRuns):
+        fit_group(trainer, runs, progress=False)
+    for s in (0, 1):  # both finished before the stop was acted on
+        assert records.read_json(tmp / f"stopped{s}" / records.SUMMARY)["status"] == "completed"

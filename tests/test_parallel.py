@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
-from digitjax import records
+import pytest
+
+from digitjax import records, runner
 
 SMALL = ["data.train_split=train[:2048]", "data.val_split=train[55000:56000]",
          "data.test_split=test[:1000]", "train.batch_size=64", "train.steps_per_call=4",
@@ -40,3 +42,26 @@ def test_seeds_on_two_host_devices_match_sequential_runs(prepared_mnist, tmp_pat
         rb = [{k: v for k, v in r.items() if k != "time"}
               for r in records.read_metrics(b / records.METRICS)]
         assert ra == rb
+
+
+def test_a_stop_between_two_seeds_on_devices_still_stops(monkeypatch):
+    """A SIGTERM that lands while a seed's records are written (no seed between two compiled
+    calls to save) must stop the process, not skip the queued seeds and exit 0."""
+    import signal
+
+    from digitjax.stop import StoppedBetweenRuns
+
+    class OneTrainer:
+        def on_device(self, device):
+            return self
+
+    trained = []
+
+    def train_one(tr, seed, run_dir, state, stop, position):
+        trained.append(seed)
+        stop.requested = signal.SIGTERM  # as the handler does, during this seed's finish
+
+    todo = [(s, None, "new") for s in range(5)]
+    with pytest.raises(StoppedBetweenRuns):
+        runner._run_on_devices(OneTrainer(), ["d0", "d1"], todo, train_one)
+    assert len(trained) < 5  # the queued seeds were not started
