@@ -12,6 +12,7 @@ never restores and cleans at start-up.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import jax
@@ -43,6 +44,7 @@ def _not_an_os_error(record: logging.LogRecord) -> bool:
 logging.getLogger("absl").addFilter(_not_an_os_error)
 
 CHECKPOINTS = "checkpoints"
+DAMAGED = "checkpoints-unreadable"  # beside CHECKPOINTS: what resume set aside
 FORMAT = 1
 
 
@@ -117,6 +119,16 @@ class RunCheckpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta
+
+    def set_aside(self, step: int) -> Path:
+        """Move an unreadable checkpoint out of the manager's folder (kept for a look):
+        left there, Orbax would refuse every later save up to its step."""
+        target = self.directory.parent / DAMAGED / str(step)
+        target.parent.mkdir(exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)  # an earlier one of the same step
+        shutil.move(self.directory / str(step), target)
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

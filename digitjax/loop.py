@@ -142,8 +142,13 @@ class TrainingLoop:
             try:
                 state, meta = ckpts.restore(step, tr.abstract_state())
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint
+                try:
+                    where = f"moved to {ckpts.set_aside(step)}"
+                except OSError as moved:
+                    where = f"could not be moved aside: {moved}"
                 print(f"digitjax: warning: checkpoint {step} in {ckpts.directory} is "
-                      f"unreadable ({_reason(e)}); trying an earlier one", file=sys.stderr)
+                      f"unreadable ({_reason(e)}; {where}); trying an earlier one",
+                      file=sys.stderr)
                 continue
             break
         else:

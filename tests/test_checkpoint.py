@@ -19,7 +19,7 @@ from _faults import (
 
 from digitjax import checkpoint, data_device, records, registry, runner
 from digitjax.config import ConfigError
-from digitjax.train import Trainer
+from digitjax.train import Trainer, param_hash
 
 
 @pytest.mark.parametrize("fault", ["kill@chunk:6", "kill@save:2", "kill@eval:1",
@@ -171,7 +171,12 @@ def test_a_damaged_checkpoint_falls_back_to_the_one_before(mnist_idx, tmp_path, 
     # One warning line that says why, not just the exception's type.
     (warning,) = [line for line in capsys.readouterr().err.splitlines() if "unreadable" in line]
     assert warning.startswith(f"digitjax: warning: checkpoint {steps[-1]} ")
-    assert re.search(r"unreadable \(\w+: .+\); trying an earlier one$", warning), warning
+    assert re.search(r"unreadable \(\w+: .+; moved to .+\); trying an earlier one$", warning)
+    # Set aside, not left in place: Orbax would have refused to save that step again, and
+    # the finished run would have ended on the damaged checkpoint.
+    assert (run_dir / checkpoint.DAMAGED / str(steps[-1]) / "state").is_dir()
+    _, _, _, state, _ = checkpoint.restore_state(run_dir, "latest")
+    assert param_hash(state.params) == reference["final_param_hash"]
 
 
 def test_checkpoint_cadence_does_not_change_the_numbers(mnist_idx, tmp_path):
