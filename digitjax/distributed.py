@@ -177,6 +177,18 @@ def broadcast(value):
     return type(value)(np.asarray(out).item())
 
 
+def agree(value: int) -> int:
+    """The largest of every process's `value` (e.g. a stop request), the same in each."""
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
 def barrier(name: str) -> None:
     """Wait until every process gets here (no-op in a single process)."""
     import jax

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checkpoint, faults, records
+from . import checkpoint, distributed, faults, records
 from .config import ConfigError
 from .stop import Interrupted, StopOnSignal  # noqa: F401 (re-exported)
 from .train import Diverged, Trainer, chunk_sizes, crossed, param_hash
@@ -315,6 +315,10 @@ def train_lockstep(tr: Trainer, members: list[TrainingLoop], state, step: int, w
     first_epoch, start_offset = divmod(step, tr.steps_per_epoch)
     start_offset *= batch
     live = list(range(len(members)))
+    # The processes of a multi-process run must stop together (a checkpoint save waits for
+    # all of them): they act on a stop request where they all are, at log steps and epoch
+    # ends, once they agree on it. A single process reads it after every chunk.
+    multi = distributed.process_count() > 1
 
     def windows() -> dict[int, list]:  # one host fetch for every member's pending metrics
         fetched = jax.device_get(window)
@@ -348,7 +352,8 @@ def train_lockstep(tr: Trainer, members: list[TrainingLoop], state, step: int, w
             window.append(metrics)
             prev, step, offset = step, step + n, offset + n * batch
             at_epoch_end = offset == tr.steps_per_epoch * batch
-            if crossed(prev, step, ex.log_every_steps) or at_epoch_end:
+            logged = crossed(prev, step, ex.log_every_steps) or at_epoch_end
+            if logged:
                 for i, w in windows().items():
                     try:
                         row = members[i].log_train(step, w)
@@ -362,7 +367,9 @@ def train_lockstep(tr: Trainer, members: list[TrainingLoop], state, step: int, w
             bar.update(n)
             if at_epoch_end:
                 break  # evaluated and saved below, and stopped there if asked to
-            requested = stop.requested  # read once: a signal may arrive at any moment
+            # Read once: a signal may arrive at any moment.
+            requested = (distributed.agree(stop.requested) if logged else 0) if multi \
+                else stop.requested
             if step in members[0].save_steps or requested:
                 t0 = count_train_time(t0)  # a checkpoint carries the time trained so far
                 save_all(force=bool(requested))
@@ -388,7 +395,7 @@ def train_lockstep(tr: Trainer, members: list[TrainingLoop], state, step: int, w
         live = [i for i in live if members[i].status != "diverged"]
         if not live:
             return state, step
-        requested = stop.requested
+        requested = distributed.agree(stop.requested) if multi else stop.requested
         if requested:
             for i in live:
                 members[i].ckpts.wait()

@@ -50,11 +50,17 @@ def fit(args) -> dict:
 
     trainer = Trainer(registry.resolve("quick", OVERRIDES + args.set), tiny_data(),
                       data_parallel=choice)
+    from digitjax.stop import Interrupted
+
     run_dir = Path(args.run_dir)
+    out = {"process_index": distributed.process_index(),
+           "execution": dataclasses.asdict(trainer.execution)}
     with records.run_lock(run_dir):
-        summary = trainer.fit(0, run_dir, progress=False, resume=not args.fresh)
-    return {"process_index": distributed.process_index(),
-            "execution": dataclasses.asdict(trainer.execution), "summary": summary}
+        try:
+            out["summary"] = trainer.fit(0, run_dir, progress=False, resume=not args.fresh)
+        except Interrupted as e:  # a stop request (a term@ fault): saved, resumable
+            out["interrupted_at"] = e.step
+    return out
 
 
 def register_tiny_bn() -> str:

@@ -55,3 +55,31 @@ def test_two_processes_train_one_run_and_only_process_0_writes_records(tmp_path,
     np.testing.assert_allclose(p0["summary"]["test_loss"],
                                records.read_json(reference / records.SUMMARY)["test_loss"],
                                rtol=1e-4)
+
+
+def test_a_stop_in_one_process_stops_both_at_the_same_step(tmp_path, tmp_path_factory):
+    """SIGTERM reaches process 0 only (its terminal's Ctrl-C), after its 3rd compiled call
+    of 2 steps: both processes stop together at the next log step (4 steps), save there and
+    resume from it. Acting alone, process 0 waited in its checkpoint save for a process that
+    had moved on to its next collective: a hang."""
+    reference, pending = reference_run(tmp_path_factory)
+    run_dir = tmp_path / "run"
+    env = worker_env(JAX_NUM_CPU_DEVICES="1", **{
+        distributed.ENV_COORDINATOR: f"127.0.0.1:{free_port()}",
+        distributed.ENV_NUM_PROCESSES: "2"})
+    faults = {0: {"DIGITJAX_FAULT": "term@chunk:3"}, 1: {}}
+    procs = [start("fit", run_dir, tmp_path / f"p{i}.json", "--data-parallel", "auto",
+                   "--distributed", "--fresh",
+                   env={**env, **faults[i], distributed.ENV_PROCESS_ID: str(i)})
+             for i in range(2)]
+    finish(pending + procs)
+    assert [result(tmp_path / f"p{i}.json").get("interrupted_at") for i in range(2)] == [8, 8]
+    assert not (run_dir / records.SUMMARY).exists()
+    env[distributed.ENV_COORDINATOR] = f"127.0.0.1:{free_port()}"
+    procs = [start("fit", run_dir, tmp_path / f"q{i}.json", "--data-parallel", "auto",
+                   "--distributed", env={**env, distributed.ENV_PROCESS_ID: str(i)})
+             for i in range(2)]
+    finish(procs)
+    assert records.read_json(run_dir / records.CONFIG)["resumed_from_step"] == 8
+    assert records.read_json(run_dir / records.SUMMARY)["status"] == "completed"
+    assert_same_training(reference, run_dir)
