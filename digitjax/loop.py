@@ -131,28 +131,41 @@ class TrainingLoop:
             "execution": dataclasses.asdict(tr.execution),
         }
 
-    def _resume(self, ckpts: checkpoint.RunCheckpoints):
-        """(state, step, window) from the newest readable checkpoint, or None to start fresh.
+    def _readable(self, ckpts: checkpoint.RunCheckpoints):
+        """(step, state, meta) of the newest readable checkpoint, or None.
 
         A checkpoint whose files are damaged (not just cut off: those Orbax never lists) is
-        skipped with a warning, and the one before it is used.
+        set aside with a warning (by process 0), and the one before it is tried.
         """
-        tr = self.trainer
         for step in reversed(ckpts.all_steps()):
             try:
-                state, meta = ckpts.restore(step, tr.abstract_state())
+                state, meta = ckpts.restore(step, self.trainer.abstract_state())
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint
-                try:
-                    where = f"moved to {ckpts.set_aside(step)}"
-                except OSError as moved:
-                    where = f"could not be moved aside: {moved}"
+                where = "left in place"
+                if distributed.is_primary():
+                    try:
+                        where = f"moved to {ckpts.set_aside(step)}"
+                    except OSError as moved:
+                        where = f"could not be moved aside: {moved}"
                 print(f"digitjax: warning: checkpoint {step} in {ckpts.directory} is "
                       f"unreadable ({_reason(e)}; {where}); trying an earlier one",
                       file=sys.stderr)
                 continue
-            break
-        else:
+            return step, state, meta
+        return None
+
+    def _resume(self, ckpts: checkpoint.RunCheckpoints):
+        """(state, step, window) from the newest readable checkpoint, or None to start fresh."""
+        tr = self.trainer
+        found = self._readable(ckpts)
+        if distributed.process_count() > 1:  # every process must resume from one step
+            mine = found[0] if found else -1
+            if distributed.agree(mine) != -distributed.agree(-mine):
+                raise ConfigError(f"{ckpts.directory}: the processes found different "
+                                  "checkpoints to resume from (unreadable on some?)")
+        if found is None:
             return None
+        step, state, meta = found
         state = tr.place(state)
         self.last_saved_step = step
         if meta["config_hash"] != tr.config_hash:
@@ -165,7 +178,7 @@ class TrainingLoop:
             # Another backend, precision or chunking trains the same steps but may round
             # differently: the record keeps both, so the numbers can be read right.
             self.earlier_execution = before
-            changed = ", ".join(f"{k} {before[k]} -> {v}" for k, v in
+            changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in
                                 dataclasses.asdict(tr.execution).items() if before.get(k) != v)
             print(f"digitjax: warning: {self.run_dir}: resuming step {step}, trained before "
                   f"with other settings ({changed}); the results may differ from an "
@@ -191,8 +204,9 @@ class TrainingLoop:
                                                save_steps=self.save_steps)
         resumed = self._resume(self.ckpts) if resume else None
         if resumed is None:
-            self.metrics_path.unlink(missing_ok=True)
-            (self.run_dir / records.SUMMARY).unlink(missing_ok=True)
+            if distributed.is_primary():  # process 0 owns the records
+                self.metrics_path.unlink(missing_ok=True)
+                (self.run_dir / records.SUMMARY).unlink(missing_ok=True)
             state, step, window = tr.init_state(self.seed), 0, []
         else:
             state, step, window = resumed

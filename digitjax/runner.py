@@ -209,12 +209,21 @@ def _claim(locks: contextlib.ExitStack, config: Config, seed: int, run_dir: Path
     Returns its state ("new", "unfinished" or "finished": another process may have run it
     since the plan was made), or None to skip it: another process holds its lock.
     """
+    from . import distributed
+
+    locked = None
     try:
-        locks.enter_context(records.run_lock(run_dir))
+        locks.enter_context(records.run_lock(run_dir))  # process 0 alone takes the lock
     except records.RunLocked as e:
+        locked = e
+    # Every process of a multi-process run must make process 0's choice, or they would
+    # train different runs (or one would wait for the others' collectives forever).
+    if distributed.broadcast(locked is not None):
+        locked = locked or records.RunLocked(f"{run_dir} is being trained by another "
+                                             "process (process 0 could not take its lock)")
         if not skip_locked:
-            raise
-        echo(f"{config.name} seed{seed}: skipped, {e}")
+            raise locked
+        echo(f"{config.name} seed{seed}: skipped, {locked}")
         return None
     if not fresh:
         state = check_run_dir(run_dir, config)
