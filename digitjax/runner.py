@@ -153,6 +153,10 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
 
         mode, devices = _parallel_mode(parallel, len(todo))
         if trainer.mesh is not None:  # data parallel: every device trains each seed
+            if parallel in ("vmap", "devices") and mode != "off":
+                echo(f"digitjax: note: --parallel {parallel} is not used: --data-parallel "
+                     "spans the devices, so the seeds train one after another "
+                     "(--data-parallel off to use it)")
             mode = "off"
         if mode == "vmap":
             def echo_summary(summary, run_dir):
