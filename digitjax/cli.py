@@ -412,12 +412,17 @@ def _save_input_paths(images: list[str], folder: str) -> list[Path]:
     """Where `--save-input` writes each image's 28x28: `<stem>_28x28.png`, numbered
     (`<stem>-1_28x28.png`, ...) when several inputs share a stem; never onto an input."""
     stems = [Path(p).stem for p in images]
+    taken = {s for s in stems if stems.count(s) == 1}
     seen: dict[str, int] = {}
     out = []
     for stem in stems:
         if stems.count(stem) > 1:
-            seen[stem] = seen.get(stem, 0) + 1
-            stem = f"{stem}-{seen[stem]}"
+            name = None
+            while name is None or name in taken:  # skip numbers other inputs' names use
+                seen[stem] = seen.get(stem, 0) + 1
+                name = f"{stem}-{seen[stem]}"
+            taken.add(name)
+            stem = name
         out.append(Path(folder) / f"{stem}_28x28.png")
     inputs = {Path(p).resolve() for p in images}
     for path in out:

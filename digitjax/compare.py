@@ -20,7 +20,7 @@ from pathlib import Path
 from . import records, wandb_offline
 from .config import ConfigError
 from .loop import mean_std
-from .wandb_log import DEFAULT_HOST, PROJECT, SUPERSEDED, api_key_available, group_name, reachable
+from .wandb_log import PROJECT, SUPERSEDED, api_key_available, base_url, group_name, reachable
 
 # (summary key, column title, scale, decimals)
 COLUMNS = (
@@ -98,7 +98,7 @@ def wandb_results(names: list[str], *, project: str | None = None,
     if not api_key_available():
         raise ConfigError("--wandb needs W&B credentials: run `wandb login` or set "
                           "WANDB_API_KEY")
-    url = os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST
+    url = base_url()
     if not reachable(url):
         raise ConfigError(f"--wandb: {url} is unreachable")
     project = project or os.environ.get("WANDB_PROJECT") or PROJECT
@@ -108,7 +108,9 @@ def wandb_results(names: list[str], *, project: str | None = None,
     out = []
     for name in names:
         pattern = f"^{re.escape(name)}(\\+.*)?$"
-        for run in api.runs(path, filters={"group": {"$regex": pattern}, "jobType": "train"}):
+        # Newest first: a seed retrained with --fresh is a new W&B run, and it counts.
+        for run in api.runs(path, filters={"group": {"$regex": pattern}, "jobType": "train"},
+                            order="-created_at"):
             summary = dict(run.summary_metrics)
             out.append(RunResult(run.group, run.config.get("seed"),
                                  run.config.get("config_hash"), summary, "/".join(run.path),

@@ -123,10 +123,17 @@ def write_submission(path: str | os.PathLike, labels) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [SUBMISSION_HEADER, *(f"{i},{int(y)}" for i, y in enumerate(labels, start=1))]
+    text = "\n".join(rows) + "\n"
+    if path.exists() and not path.is_file():  # e.g. -o /dev/stdout
+        path.write_text(text)
+        return path
     # Written beside, then renamed: a failed write never leaves a cut-off submission.
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(rows) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

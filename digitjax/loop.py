@@ -141,7 +141,7 @@ class TrainingLoop:
             try:
                 state, meta = ckpts.restore(step, self.trainer.abstract_state())
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint
-                where = "left in place"
+                where = "set aside by process 0"
                 if distributed.is_primary():
                     try:
                         where = f"moved to {ckpts.set_aside(step)}"
@@ -159,6 +159,10 @@ class TrainingLoop:
         tr = self.trainer
         found = self._readable(ckpts)
         if distributed.process_count() > 1:  # every process must resume from one step
+            # Process 0 may have set checkpoints aside: every manager must see that, or
+            # the others would skip saves process 0 waits for.
+            distributed.barrier(f"digitjax resume {self.run_dir.name}")
+            ckpts.manager.reload()
             mine = found[0] if found else -1
             if distributed.agree(mine) != -distributed.agree(-mine):
                 raise ConfigError(f"{ckpts.directory}: the processes found different "

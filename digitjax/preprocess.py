@@ -23,15 +23,16 @@ BOX = 20  # the ink's bounding box is scaled to fit BOX x BOX, as in MNIST
 # the first 5,000 test digits, so index 14, not the geometric 13.5.
 CENTRE = 14.0
 MIN_CONTRAST = 0.1  # ink must differ from the background by 10% of the range
+SOLID = 0.9  # opaque pixels filling this share of their bounding box: a card, not strokes
 
 
 def read_grey(path: str | os.PathLike) -> np.ndarray:
     """A PNG/JPEG/... file as float greyscale [H, W] in [0, 1] (DataError if unreadable).
 
-    Transparent pixels are composited over the opaque pixels' median when those hold a
-    picture of their own (ink and paper: a scan with a transparent margin, which becomes
-    paper), else over the colour that contrasts with them (strokes of one colour on a
-    transparent canvas, dark or light, stay visible).
+    Transparent pixels are composited over the opaque pixels' median when those form a
+    solid block (a scan or photo with a transparent margin: the margin becomes paper), else
+    over the colour that contrasts with them (strokes on a transparent canvas, dark or
+    light, whatever their edges' antialiasing, stay visible).
     """
     path = Path(path)
     if path.is_dir():
@@ -56,8 +57,10 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
     alpha = rgba[..., 3]
     if alpha.min() >= 1.0:
         return luma
-    opaque = luma[alpha > 0.5]
-    if opaque.size and np.ptp(np.percentile(opaque, [1, 99])) > MIN_CONTRAST:
+    mask = alpha > 0.5
+    opaque = luma[mask]
+    if opaque.size and mask.sum() > SOLID * np.prod([np.ptp(np.flatnonzero(mask.any(axis)))
+                                                     + 1 for axis in (1, 0)]):
         backdrop = float(np.median(opaque))
     else:
         backdrop = 1.0 if not opaque.size or opaque.mean() < 0.5 else 0.0

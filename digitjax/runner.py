@@ -112,13 +112,21 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
                  f"(--fresh to start over) | {run_dir}")
         else:
             if state == "unfinished":
+                from . import distributed
+
+                locked = None
                 try:
                     with records.run_lock(run_dir):  # fail fast, before loading any data
                         pass
                 except records.RunLocked as e:
+                    locked = e
+                if distributed.broadcast(locked is not None):  # process 0 decides for all
+                    locked = locked or records.RunLocked(
+                        f"{run_dir} is being trained by another process (process 0 could "
+                        "not take its lock)")
                     if not skip_locked:
-                        raise
-                    echo(f"{config.name} seed{seed}: skipped, {e}")
+                        raise locked
+                    echo(f"{config.name} seed{seed}: skipped, {locked}")
                     continue
             todo.append((seed, run_dir, state))
     if todo:

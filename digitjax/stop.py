@@ -15,9 +15,9 @@ class Interrupted(Exception):
 
 
 class StoppedBetweenRuns(KeyboardInterrupt):
-    """SIGINT/SIGTERM arrived after a run's last compiled call (while it was evaluated or
-    its records written) or between runs: nothing is lost, but the process stops instead
-    of going on to the next seed or experiment (the CLI exits 130)."""
+    """SIGINT/SIGTERM arrived after a run's last compiled call, while its records were
+    written (seeds on devices, a vmapped group): nothing is lost, but the process stops
+    instead of going on to the next seed or experiment (the CLI exits 130)."""
 
 
 class StopOnSignal:

@@ -290,7 +290,7 @@ def shown_workdir(study_name: str, workdir=None) -> Path | None:
 
 def _selected(rows: list[Row]) -> list[str]:
     """The experiment a reader would pick: the best mean validation accuracy (never test),
-    among the experiments whose seeds have all finished (a mean of fewer is not comparable)."""
+    among the experiments whose seeds all completed (a mean of fewer is not comparable)."""
     complete = [r for r in rows if r.completed == r.seeds]
     if len(complete) < 2:
         return []

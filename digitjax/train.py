@@ -262,10 +262,11 @@ class Trainer:
             self._program(n, state, perm, keys)
 
     def _program(self, n: int, state, perm, keys: dict):
-        """The compiled n-step chunk, compiled on first use (timed as compile time).
+        """The compiled n-step chunk, compiled on first use (counted in compile_seconds).
 
         `compile` makes the epoch's chunk sizes ahead of time; another size is only needed
-        to finish a chunk that a checkpoint fell inside (saved with another steps_per_call).
+        to finish a chunk that a checkpoint fell inside (saved with another steps_per_call);
+        that compile then also falls in the run's train time, a rare and small cost.
         """
         if n not in self._compiled:
             t0 = time.perf_counter()

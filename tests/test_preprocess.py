@@ -137,6 +137,23 @@ def test_polarity_follows_the_ink_not_the_background_level(tmp_path, paper, ink)
     assert out.max() == 255 and out[12:16, 12:16].max() < 40  # the hole stays empty
 
 
+@pytest.mark.parametrize("edge", ["grey", "two colours"])
+def test_strokes_with_shaded_edges_on_a_transparent_canvas(tmp_path, edge):
+    """Opaque strokes whose own pixels vary (antialiased grey edges, two pen colours) are
+    still strokes on a canvas, not a card with its own paper."""
+    shape = ring()
+    rgba = np.zeros((*shape.shape, 4), np.uint8)
+    rgba[..., 3] = np.where(shape > 0.2, 255, 0)
+    if edge == "grey":
+        rgba[..., :3] = np.where(shape > 0.6, 0, 128)[..., None]
+    else:
+        rgba[..., :3] = np.where(np.arange(shape.shape[1]) < 60, 0, 90)[None, :, None]
+    path = tmp_path / "strokes.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    out = preprocess.load_digit(path)[..., 0]
+    assert np.corrcoef(out.ravel(), preprocess.to_mnist(shape).ravel())[0, 1] > 0.8
+
+
 def test_an_opaque_scan_with_a_transparent_margin_keeps_its_paper(tmp_path):
     """Dark ink on white paper, padded with a transparent margin: the margin is paper, not
     ink (it must not turn the whole card into one white block)."""
