@@ -112,22 +112,9 @@ def run_experiment(config: Config, *, overrides: dict[str, str], workdir=None, f
                  f"(--fresh to start over) | {run_dir}")
         else:
             if state == "unfinished":
-                from . import distributed
-
-                locked = None
-                try:
-                    with records.run_lock(run_dir):  # fail fast, before loading any data
-                        pass
-                except records.RunLocked as e:
-                    locked = e
-                if distributed.broadcast(locked is not None):  # process 0 decides for all
-                    locked = locked or records.RunLocked(
-                        f"{run_dir} is being trained by another process (process 0 could "
-                        "not take its lock)")
-                    if not skip_locked:
-                        raise locked
-                    echo(f"{config.name} seed{seed}: skipped, {locked}")
-                    continue
+                with contextlib.ExitStack() as probe:  # fail fast, before loading any data
+                    if not _lock(probe, config, seed, run_dir, skip_locked, echo):
+                        continue
             todo.append((seed, run_dir, state))
     if todo:
         _check_writable(workdir)
@@ -214,6 +201,31 @@ def _resume_hint(config: Config, seed: int, run_dir: Path, e: Interrupted, overr
             f"with: digitjax run {config.name} --seed {seed}{sets} --workdir {workdir}")
 
 
+def _lock(locks: contextlib.ExitStack, config: Config, seed: int, run_dir: Path,
+          skip_locked: bool, echo) -> bool:
+    """Take `run_dir`'s lock, held until `locks` closes; False: skip it (another process
+    holds it and `skip_locked`), else RunLocked is raised.
+
+    Process 0 alone takes the lock; every process of a multi-process run makes its choice,
+    or they would train different runs (or wait for each other's collectives forever).
+    """
+    from . import distributed
+
+    locked = None
+    try:
+        locks.enter_context(records.run_lock(run_dir))
+    except records.RunLocked as e:
+        locked = e
+    if not distributed.broadcast(locked is not None):
+        return True
+    locked = locked or records.RunLocked(f"{run_dir} is being trained by another process "
+                                         "(process 0 could not take its lock)")
+    if not skip_locked:
+        raise locked
+    echo(f"{config.name} seed{seed}: skipped, {locked}")
+    return False
+
+
 def _claim(locks: contextlib.ExitStack, config: Config, seed: int, run_dir: Path, state: str,
            *, fresh: bool, skip_locked: bool, echo) -> str | None:
     """Take `run_dir`'s lock (held until `locks` closes) and look at the folder again.
@@ -221,21 +233,7 @@ def _claim(locks: contextlib.ExitStack, config: Config, seed: int, run_dir: Path
     Returns its state ("new", "unfinished" or "finished": another process may have run it
     since the plan was made), or None to skip it: another process holds its lock.
     """
-    from . import distributed
-
-    locked = None
-    try:
-        locks.enter_context(records.run_lock(run_dir))  # process 0 alone takes the lock
-    except records.RunLocked as e:
-        locked = e
-    # Every process of a multi-process run must make process 0's choice, or they would
-    # train different runs (or one would wait for the others' collectives forever).
-    if distributed.broadcast(locked is not None):
-        locked = locked or records.RunLocked(f"{run_dir} is being trained by another "
-                                             "process (process 0 could not take its lock)")
-        if not skip_locked:
-            raise locked
-        echo(f"{config.name} seed{seed}: skipped, {locked}")
+    if not _lock(locks, config, seed, run_dir, skip_locked, echo):
         return None
     if not fresh:
         state = check_run_dir(run_dir, config)
