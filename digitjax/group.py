@@ -73,7 +73,8 @@ def fit_group(trainer: Trainer, runs: list[tuple[int, Path, bool, list]], *,
                          extra_config=extra_config or {}, loggers=loggers, stop=stop,
                          plots=plots)
         members.append(m)
-        opened.append(m.open(resume=resume))
+        # Whether a resumed checkpoint's settings differ is known once subgroups are formed.
+        opened.append(m.open(resume=resume, check_execution=False))
     by_step = defaultdict(list)
     for i, (_, step, _) in enumerate(opened):
         by_step[step].append(i)
@@ -101,11 +102,14 @@ def _fit_lockstep(g: GroupTrainer, members: list[TrainingLoop], opened: list, st
                   stop) -> None:
     if len(members) != g.execution.seeds_per_program:  # a program for this group's size
         g = GroupTrainer.of(g, len(members))
-        for m in members:
-            m.trainer = g
-            path = m.run_dir / records.CONFIG  # written by open() for the whole group
-            records.write_json(path, {**records.read_json(path),
-                                      "execution": dataclasses.asdict(g.execution)})
+    for m in members:
+        m.trainer = g
+        path = m.run_dir / records.CONFIG  # written by open() for the whole group
+        record = {**records.read_json(path), "execution": dataclasses.asdict(g.execution)}
+        record.pop("execution_before_resume", None)
+        if m.check_execution():
+            record["execution_before_resume"] = m.earlier_execution
+        records.write_json(path, record)
     state = stack([s for s, _, _ in opened])
     # Pending (not yet logged) train metrics of each member, restored with its checkpoint.
     window = [jax.tree.map(lambda *xs: np.stack(xs, axis=1), *chunks)

@@ -47,7 +47,8 @@ class TrainingLoop:
         self.last_saved_step: int | None = None
         self.best: dict | None = None  # the eval chosen on validation so far
         self.last_eval: dict | None = None
-        self.earlier_execution: dict | None = None  # a resumed checkpoint's, when it differs
+        self.resumed_execution: dict | None = None  # the resumed checkpoint's settings
+        self.earlier_execution: dict | None = None  # the same, when they differ from ours
 
     # -- records -------------------------------------------------------------------------
     def _row(self, step: int, epoch: float, split: str, metrics: dict) -> dict:
@@ -177,16 +178,7 @@ class TrainingLoop:
                               f"config ({meta['config_hash']}, this is {tr.config_hash}); "
                               "use --fresh or another --workdir")
         self.best, self.last_eval = meta["best"], meta["last_eval"]
-        before = meta.get("execution")  # older checkpoints did not record it
-        if before is not None and before != dataclasses.asdict(tr.execution):
-            # Another backend, precision or chunking trains the same steps but may round
-            # differently: the record keeps both, so the numbers can be read right.
-            self.earlier_execution = before
-            changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in
-                                dataclasses.asdict(tr.execution).items() if before.get(k) != v)
-            print(f"digitjax: warning: {self.run_dir}: resuming step {step}, trained before "
-                  f"with other settings ({changed}); the results may differ from an "
-                  "uninterrupted run's in the last digits", file=sys.stderr)
+        self.resumed_execution = meta.get("execution")  # older checkpoints did not record it
         self.train_seconds, self.eval_seconds = meta["train_seconds"], meta["eval_seconds"]
         # Row times and total_seconds go on from the earlier attempts' wall (up to this
         # checkpoint), as train_seconds does; older checkpoints did not record it.
@@ -194,8 +186,28 @@ class TrainingLoop:
         records.truncate_metrics(self.metrics_path, step)
         return state, step, checkpoint.from_json_floats(meta["window"])
 
+    def check_execution(self) -> bool:
+        """Warn when the resumed checkpoint was trained under other execution settings.
+
+        Another backend, precision or chunking trains the same steps but may round
+        differently: the record then keeps both, so the numbers can be read right. Called
+        once the trainer that goes on is final (a seed group may regroup after `open`).
+        Returns whether it differs.
+        """
+        before, now = self.resumed_execution, dataclasses.asdict(self.trainer.execution)
+        if before is None or before == now:
+            self.earlier_execution = None
+            return False
+        self.earlier_execution = before
+        changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in now.items()
+                            if before.get(k) != v)
+        print(f"digitjax: warning: {self.run_dir}: resuming step {self.last_saved_step}, "
+              f"trained before with other settings ({changed}); the results may differ from "
+              "an uninterrupted run's in the last digits", file=sys.stderr)
+        return True
+
     # -- the loop --------------------------------------------------------------------------
-    def open(self, *, resume: bool = True):
+    def open(self, *, resume: bool = True, check_execution: bool = True):
         """Prepare the run folder; returns the (state, step, window) training goes on from."""
         tr = self.trainer
         cfg = tr.config
@@ -215,7 +227,7 @@ class TrainingLoop:
         else:
             state, step, window = resumed
         extra = {**self.extra_config, "resumed_from_step": step if resumed else None}
-        if self.earlier_execution is not None:
+        if check_execution and self.check_execution():
             extra["execution_before_resume"] = self.earlier_execution
         config_record = tr.config_record(self.seed, extra)
         records.write_json(self.run_dir / records.CONFIG, config_record)

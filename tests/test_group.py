@@ -135,12 +135,14 @@ class _StopAfter:
         return signal.SIGTERM if self.n < 0 else 0
 
 
-def test_seeds_resumed_at_different_steps_train_in_subgroups(alone_and_grouped, tmp_path):
+def test_seeds_resumed_at_different_steps_train_in_subgroups(alone_and_grouped, tmp_path,
+                                                              capsys):
     from digitjax.loop import Interrupted
 
     _, alone, _, trainer = alone_and_grouped
     with pytest.raises(Interrupted):  # seed 0 stops after 4 chunks of 4 steps, saved
         trainer.fit(0, tmp_path / "s0", progress=False, stop=_StopAfter(3))
+    capsys.readouterr()
     done = fit_group(trainer, [(0, tmp_path / "s0", True, []), (1, tmp_path / "s1", False, [])],
                      progress=False)
     for seed, summary in zip((0, 1), done, strict=True):
@@ -148,7 +150,30 @@ def test_seeds_resumed_at_different_steps_train_in_subgroups(alone_and_grouped, 
         record = records.read_json(tmp_path / f"s{seed}" / records.CONFIG)
         assert record["execution"]["seeds_per_program"] == 1  # each trained in its own group
         assert abs(summary["test_accuracy"] - alone[seed]["test_accuracy"]) <= 0.0005
-    assert records.read_json(tmp_path / "s0" / records.CONFIG)["resumed_from_step"] == 16
+    record = records.read_json(tmp_path / "s0" / records.CONFIG)
+    assert record["resumed_from_step"] == 16
+    # Seed 0 trained alone before and goes on alone: the same settings, nothing to warn of.
+    assert "execution_before_resume" not in record
+    assert "other settings" not in capsys.readouterr().err
+
+
+def test_a_seed_resumed_into_a_group_records_the_settings_it_trained_under(
+        alone_and_grouped, tmp_path, capsys):
+    from digitjax.loop import Interrupted
+
+    _, alone, _, trainer = alone_and_grouped
+    for seed in (0, 1):  # both stop at step 16, trained alone (seeds_per_program 1)
+        with pytest.raises(Interrupted):
+            trainer.fit(seed, tmp_path / f"s{seed}", progress=False, stop=_StopAfter(3))
+    capsys.readouterr()
+    fit_group(trainer, [(s, tmp_path / f"s{s}", True, []) for s in (0, 1)], progress=False)
+    err = capsys.readouterr().err
+    for seed in (0, 1):
+        record = records.read_json(tmp_path / f"s{seed}" / records.CONFIG)
+        assert record["execution"]["seeds_per_program"] == 2
+        assert record["execution_before_resume"]["seeds_per_program"] == 1
+        assert f"s{seed}: resuming step 16, trained before with other settings " \
+               "(seeds_per_program 1 -> 2)" in err
 
 
 class SignalOnFinish:
