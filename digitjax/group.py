@@ -124,5 +124,7 @@ def _fit_lockstep(g: GroupTrainer, members: list[TrainingLoop], opened: list, st
         state, step = train_lockstep(g, members, state, step, window, keys, bar, stop,
                                      take=take)
     for i, m in enumerate(members):
+        # The members share every program: each reports all of its compile time.
+        m.compile_seconds = g.compile_seconds - before
         if m.status != "diverged":
             m.summary = m._finish(take(state, i), step, "completed", None, m.compile_seconds)

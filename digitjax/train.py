@@ -203,7 +203,7 @@ class Trainer:
             matmul_precision=precision, batch_sharding=batch, state_sharding=replicated)
         self.train_step = train_step
         self._chunk_step = train_step  # what a chunk repeats (a seed group: vmapped)
-        self._compiled: dict[int, object] = {}  # chunk programs by number of steps
+        self._compiled: dict = {}  # chunk programs by number of steps, eval ones by shape
         n = self.execution.data_parallel_devices
         self._eval_batch = steps.make_eval_batch(
             self.graphdef, num_classes=data.num_classes, augment=augment.get(config.augment.name),
@@ -279,6 +279,16 @@ class Trainer:
             self.compile_seconds += time.perf_counter() - t0
         return self._compiled[n]
 
+    def _eval_program(self, args: tuple):
+        """The compiled eval batch, compiled on first use and counted in compile_seconds
+        (so a run's eval_seconds time evaluation alone)."""
+        key = ("eval", args[2].shape)  # splits are padded: one shape per eval batch size
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            self._compiled[key] = self._eval_batch.lower(*args).compile()
+            self.compile_seconds += time.perf_counter() - t0
+        return self._compiled[key]
+
     def permutation(self, keys: dict, epoch: int) -> jax.Array:
         return steps.epoch_permutation(keys["data"], epoch, self.data.num_train)
 
@@ -305,8 +315,8 @@ class Trainer:
         params, rest = steps.eval_variables(state, self.config.train.ema_batch_stats)
         sums = []
         for i in range(0, images.shape[0], b):
-            sums.append(self._eval_batch(params, rest, images[i:i + b], labels[i:i + b],
-                                         mask[i:i + b], np.int32(i)))
+            args = (params, rest, images[i:i + b], labels[i:i + b], mask[i:i + b], np.int32(i))
+            sums.append(self._eval_program(args)(*args))
             self._throttle(sums[-1])
         sums = jax.device_get(sums)
         total = {k: np.sum([s[k] for s in sums], axis=0) for k in sums[0]}

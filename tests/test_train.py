@@ -1,4 +1,5 @@
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,22 @@ def test_run_records_hold_what_the_summary_reports(mnist_idx, tmp_path):
     assert s["selected_epoch"] == best + 1
     assert len(s["per_class_test_accuracy"]) == 10
     assert s["images_per_second"] > 0 and s["train_seconds"] > 0
+
+
+def test_evaluation_compiles_once_and_counts_it_as_compile_time(mnist_idx, tmp_path):
+    tr = Trainer(quick_config("train.epochs=2", "train.batch_size=64"), small_data(mnist_idx))
+    jitted, lowered = tr._eval_batch, []
+
+    class SlowLower:  # a compile known to take >= 1 s, to see where its time is counted
+        def lower(self, *args):
+            lowered.append(args[2].shape)
+            time.sleep(1.0)
+            return jitted.lower(*args)
+
+    tr._eval_batch = SlowLower()
+    s = tr.fit(0, tmp_path, progress=False)
+    assert len(lowered) == 1  # 2 epochs x (val, test), 2 batches each: one program
+    assert s["compile_seconds"] >= 1.0 and s["eval_seconds"] >= 0
 
 
 def test_mean_std():
