@@ -31,8 +31,11 @@ RESULTS_STEM = "benchmarks"
 # XLA_FLAGS as the user gave them, before digitjax adds its defaults to os.environ.
 USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 DEVICE_COUNT_2 = "--xla_force_host_platform_device_count=2"
-# This CPU's fp32 peak: 2 cores x 2 FMA pipes x 8 fp32 lanes (256 bit) x 2 FLOP x 2.445 GHz.
+# The fp32 peak of the CPU the committed figures were measured on (family/model below):
+# 2 cores x 2 FMA pipes x 8 fp32 lanes (256 bit) x 2 FLOP x 2.445 GHz. Other CPUs have
+# their own (give it with --peak-gflops); none is guessed for them.
 CPU_PEAK_GFLOPS = 156.5
+CPU_PEAK_FAMILY_MODEL = "25/17"
 IDLE_LOAD = 0.5  # 1-minute load average above which the machine counts as busy
 VERSIONED = ("jax", "jaxlib", "flax", "optax")
 

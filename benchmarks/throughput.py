@@ -47,8 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--flag", choices=("both", "on", "off"), default="both",
                    help="digitjax's XLA CPU flag: both (two child processes), on, or off")
     p.add_argument("--train-split", default="train[:55000]", help="training images drawn from")
-    p.add_argument("--peak-gflops", type=float, default=_common.CPU_PEAK_GFLOPS,
-                   help=f"fp32 peak for the share of peak ({_common.CPU_PEAK_GFLOPS})")
+    p.add_argument("--peak-gflops", type=float, default=None,
+                   help="fp32 peak for the share of peak (default: "
+                   f"{_common.CPU_PEAK_GFLOPS} on the 2-core EPYC of the committed figures, "
+                   "CPU family/model {_common.CPU_PEAK_FAMILY_MODEL}; none on other CPUs)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per child process")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     _common.add_common_args(p)
@@ -179,7 +181,16 @@ def child(args) -> dict:
 
 # --- the parent: one child per flag setting, then the report -------------------------------
 
-def summarize(run: dict, peak_gflops: float) -> dict:
+def peak_for(env: dict, given: float | None) -> float | None:
+    """The fp32 peak to share against: the one given, or the known CPU's, else None."""
+    if given is not None:
+        return given
+    if env["cpu_family_model"] == _common.CPU_PEAK_FAMILY_MODEL:
+        return _common.CPU_PEAK_GFLOPS
+    return None
+
+
+def summarize(run: dict, peak_gflops: float | None) -> dict:
     """Mean images/s over rounds (total images / total time), ratios, GFLOP/s."""
     out = dict(run)
     train_flops = 3 * run["forward_flops_per_image"]
@@ -192,7 +203,7 @@ def summarize(run: dict, peak_gflops: float) -> dict:
                      "min": round(min(per_round), 1), "max": round(max(per_round), 1),
                      "gflops": round(gflops, 2),
                      "share_of_peak": round(gflops / peak_gflops, 4)
-                     if run["backend"] == "cpu" else None}
+                     if run["backend"] == "cpu" and peak_gflops else None}
 
     def ratio(a, b):
         return {"ratio": round(out[a]["images_per_second"] / out[b]["images_per_second"], 3),
@@ -212,6 +223,17 @@ def clock_note(mhz: float | None, peak_gflops: float) -> str:
         return ""
     return (f" /proc/cpuinfo reports {mhz:.0f} MHz: at that clock the peak would be "
             f"{2 * 32 * mhz / 1000:.1f} GFLOP/s.")
+
+
+def _peak_text(results: dict, args) -> str:
+    peak = results["peak_gflops"]
+    if peak is None:
+        return ("no fp32 peak is known for this CPU, so no share of it is given (pass "
+                "`--peak-gflops`).")
+    if args.peak_gflops is not None:
+        return f"peak {peak} GFLOP/s fp32 (given with --peak-gflops)."
+    return (f"peak {peak} GFLOP/s fp32 (2 cores x 2 FMA x 8 lanes x 2 x 2.445 GHz)."
+            + clock_note(results["cpu_mhz"], peak))
 
 
 def report(results: dict, args) -> str:
@@ -252,10 +274,7 @@ def report(results: dict, args) -> str:
             f"FLOPs: {any_run['forward_flops_per_image'] / 1e6:.2f} MFLOP forward per image "
             "(`models.forward_flops`: 2 x multiply-adds of convs and matmuls) x 3 for "
             f"forward + backward = {any_run['train_flops_per_image'] / 1e6:.1f} MFLOP per "
-            f"training image; peak {args.peak_gflops} GFLOP/s fp32"
-            + (" (2 cores x 2 FMA x 8 lanes x 2 x 2.445 GHz)."
-               + clock_note(results["cpu_mhz"], args.peak_gflops)
-               if args.peak_gflops == _common.CPU_PEAK_GFLOPS else " (given with --peak-gflops)."))
+            "training image; " + _peak_text(results, args))
     x = results.get("across_processes")
     if x:
         lines += ["", "Across the two processes (one after the other, not interleaved): "
@@ -285,7 +304,8 @@ def main(argv=None) -> int:
     modes = list(MODES) if args.flag == "both" else [args.flag]
     forwarded = ["--steps", str(args.steps), "--rounds", str(args.rounds), "--warmup",
                  str(args.warmup), "--train-split", args.train_split]
-    results = {"modes": {}, "peak_gflops": args.peak_gflops, "cpu_mhz": env["cpu_mhz"]}
+    peak = peak_for(env, args.peak_gflops)
+    results = {"modes": {}, "peak_gflops": peak, "cpu_mhz": env["cpu_mhz"]}
     for flag in modes:
         print(f"digitjax XLA flag {flag}: training the loops", file=sys.stderr, flush=True)
         proc = _common.run_process(
@@ -299,7 +319,7 @@ def main(argv=None) -> int:
             results["modes"][flag] = {"error": why, "tail": proc.tail()}
             continue
         run = json.loads(found[-1][len(RESULT_PREFIX):])
-        results["modes"][flag] = summarize(run, args.peak_gflops)
+        results["modes"][flag] = summarize(run, peak)
     on, off = results["modes"].get("on"), results["modes"].get("off")
     if on and off and "error" not in on and "error" not in off:
         ips = {(f, n): results["modes"][f][n]["images_per_second"]
