@@ -134,6 +134,14 @@ def test_wandb_sweep_config_is_a_grid_that_digitjax_run_accepts(monkeypatch):
     assert yaml.safe_load(study.wandb_sweep_config("smoke"))["project"] == "mine"
 
 
+def test_no_wandb_grid_for_experiments_with_different_seeds(monkeypatch):
+    # quick has seed 0, fast seeds 0-4: a grid would train fast's seeds for quick too.
+    mixed = registry.Study("mixed", "two seed lists", ("quick", "fast"))
+    monkeypatch.setattr(registry, "get_study", lambda name: mixed)
+    with pytest.raises(ConfigError, match=r"different seeds \(quick: 0; fast: 0,1,2,3,4\)"):
+        study.wandb_sweep_config("mixed")
+
+
 def test_committed_tables_match_their_committed_records():
     checked = 0
     for s in registry.studies():
