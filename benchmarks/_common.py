@@ -35,7 +35,7 @@ DEVICE_COUNT_2 = "--xla_force_host_platform_device_count=2"
 # 2 cores x 2 FMA pipes x 8 fp32 lanes (256 bit) x 2 FLOP x 2.445 GHz. Other CPUs have
 # their own (give it with --peak-gflops); none is guessed for them.
 CPU_PEAK_GFLOPS = 156.5
-CPU_PEAK_FAMILY_MODEL = "25/17"
+CPU_PEAK_FAMILY_MODEL, CPU_PEAK_CORES = "25/17", 2
 IDLE_LOAD = 0.5  # 1-minute load average above which the machine counts as busy
 VERSIONED = ("jax", "jaxlib", "flax", "optax")
 

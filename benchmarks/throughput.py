@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-gflops", type=float, default=None,
                    help="fp32 peak for the share of peak (default: "
                    f"{_common.CPU_PEAK_GFLOPS} on the 2-core EPYC of the committed figures, "
-                   "CPU family/model {_common.CPU_PEAK_FAMILY_MODEL}; none on other CPUs)")
+                   f"CPU family/model {_common.CPU_PEAK_FAMILY_MODEL} with 2 cores; none on "
+                   "other CPUs)")
     p.add_argument("--timeout", type=float, default=1200, help="seconds per child process")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     _common.add_common_args(p)
@@ -185,7 +186,8 @@ def peak_for(env: dict, given: float | None) -> float | None:
     """The fp32 peak to share against: the one given, or the known CPU's, else None."""
     if given is not None:
         return given
-    if env["cpu_family_model"] == _common.CPU_PEAK_FAMILY_MODEL:
+    if (env["cpu_family_model"] == _common.CPU_PEAK_FAMILY_MODEL
+            and env.get("cpu_cores") == _common.CPU_PEAK_CORES):
         return _common.CPU_PEAK_GFLOPS
     return None
 

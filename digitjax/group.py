@@ -102,14 +102,9 @@ def _fit_lockstep(g: GroupTrainer, members: list[TrainingLoop], opened: list, st
                   stop) -> None:
     if len(members) != g.execution.seeds_per_program:  # a program for this group's size
         g = GroupTrainer.of(g, len(members))
-    for m in members:
+    for m in members:  # now each member's settings are final: record them, start mirrors
         m.trainer = g
-        path = m.run_dir / records.CONFIG  # written by open() for the whole group
-        record = {**records.read_json(path), "execution": dataclasses.asdict(g.execution)}
-        record.pop("execution_before_resume", None)
-        if m.check_execution():
-            record["execution_before_resume"] = m.earlier_execution
-        records.write_json(path, record)
+        m.publish(records.read_json(m.run_dir / records.CONFIG))
     state = stack([s for s, _, _ in opened])
     # Pending (not yet logged) train metrics of each member, restored with its checkpoint.
     window = [jax.tree.map(lambda *xs: np.stack(xs, axis=1), *chunks)
@@ -117,14 +112,17 @@ def _fit_lockstep(g: GroupTrainer, members: list[TrainingLoop], opened: list, st
     keys = g.group_keys([m.seed for m in members])
     before = g.compile_seconds
     g.compile(state, keys)
+    ahead = g.compile_seconds - before
     for m in members:
-        m.compile_seconds = g.compile_seconds - before
+        m.compile_seconds = ahead
     desc = f"{g.config.name} seeds {','.join(str(m.seed) for m in members)}"
     with members[0].progress_bar(step, desc) as bar:
         state, step = train_lockstep(g, members, state, step, window, keys, bar, stop,
                                      take=take)
+    # The members share every program: each reports all of its compile time (the
+    # evaluation's was counted by whichever member evaluated first).
+    compiled = ahead + sum(m.compile_seconds - ahead for m in members)
     for i, m in enumerate(members):
-        # The members share every program: each reports all of its compile time.
-        m.compile_seconds = g.compile_seconds - before
+        m.compile_seconds = compiled
         if m.status != "diverged":
             m.summary = m._finish(take(state, i), step, "completed", None, m.compile_seconds)

@@ -78,18 +78,20 @@ class TrainingLoop:
         t0, compile_before = time.perf_counter(), self.trainer.compile_seconds
         result = {"step": step, "epoch": epoch}
         rows = []
-        for split in ("val", "test"):
-            m = self.trainer.evaluate(state, split)
-            if not math.isfinite(m["loss"]):  # training may look fine while this is inf
-                raise Diverged(f"{split} loss became {m['loss']} at step {step}")
-            result[split] = m
-            rows.append(self._row(step, epoch, split, {"loss": m["loss"],
-                                                        "accuracy": m["accuracy"]}))
-        self._write_rows(rows)
-        # The first evaluation compiles its program: that time is compile time.
-        compiled = self.trainer.compile_seconds - compile_before
-        self.compile_seconds += compiled
-        self.eval_seconds += time.perf_counter() - t0 - compiled
+        try:
+            for split in ("val", "test"):
+                m = self.trainer.evaluate(state, split)
+                if not math.isfinite(m["loss"]):  # training may look fine while this is inf
+                    raise Diverged(f"{split} loss became {m['loss']} at step {step}")
+                result[split] = m
+                rows.append(self._row(step, epoch, split, {"loss": m["loss"],
+                                                            "accuracy": m["accuracy"]}))
+            self._write_rows(rows)
+        finally:
+            # The first evaluation compiles its program: that time is compile time.
+            compiled = self.trainer.compile_seconds - compile_before
+            self.compile_seconds += compiled
+            self.eval_seconds += time.perf_counter() - t0 - compiled
         # Selection looks at validation only; test rides along to be reported.
         if self.best is None or result["val"]["accuracy"] > self.best["val"]["accuracy"]:
             self.best = result
@@ -230,13 +232,23 @@ class TrainingLoop:
         else:
             state, step, window = resumed
         extra = {**self.extra_config, "resumed_from_step": step if resumed else None}
-        if check_execution and self.check_execution():
-            extra["execution_before_resume"] = self.earlier_execution
         config_record = tr.config_record(self.seed, extra)
+        if check_execution:
+            self.publish(config_record)
+        else:  # the caller settles the trainer, then publishes (a seed group)
+            records.write_json(self.run_dir / records.CONFIG, config_record)
+        return state, step, window
+
+    def publish(self, config_record: dict) -> None:
+        """Write config.json, with the settings a resumed checkpoint was trained under when
+        they differ from the trainer's, and start the mirrors with it."""
+        config_record = {**config_record, "execution": dataclasses.asdict(self.trainer.execution)}
+        config_record.pop("execution_before_resume", None)
+        if self.check_execution():
+            config_record["execution_before_resume"] = self.earlier_execution
         records.write_json(self.run_dir / records.CONFIG, config_record)
         for logger in self.loggers:
             logger.start(config_record, self.run_dir)
-        return state, step, window
 
     def run(self, *, resume: bool = True) -> dict:
         tr = self.trainer

@@ -318,13 +318,13 @@ def wandb_sweep_config(study_name: str) -> str:
 
     study = registry.get_study(study_name)
     per_experiment = {n: tuple(registry.get(n).config.seeds) for n in study.experiments}
-    if len(set(per_experiment.values())) > 1:
+    if len({frozenset(s) for s in per_experiment.values()}) > 1:
         # A W&B grid crosses every value: it would train seeds an experiment does not have.
         listed = "; ".join(f"{n}: {','.join(map(str, s))}" for n, s in per_experiment.items())
         raise ConfigError(f"study {study_name!r}: its experiments have different seeds "
                           f"({listed}), which a W&B grid cannot express; use `digitjax "
                           f"sweep {study_name}` (with --shard i/n over machines)")
-    seeds = sorted(next(iter(per_experiment.values())))
+    seeds = sorted(next(iter(per_experiment.values()), ()))
     exps = ", ".join(study.experiments)
     return "\n".join([
         "# wandb sweep this file, then run `wandb agent <sweep id>` on each machine",

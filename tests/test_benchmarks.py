@@ -11,9 +11,10 @@ import throughput  # noqa: E402
 
 
 def test_the_share_of_peak_is_given_only_for_a_cpu_whose_peak_is_known():
-    epyc = {"cpu_family_model": _common.CPU_PEAK_FAMILY_MODEL}
-    other = {"cpu_family_model": "6/143"}  # another CPU: its peak is not guessed
+    epyc = {"cpu_family_model": _common.CPU_PEAK_FAMILY_MODEL, "cpu_cores": 2}
+    other = {"cpu_family_model": "6/143", "cpu_cores": 2}  # its peak is not guessed
     assert throughput.peak_for(epyc, None) == _common.CPU_PEAK_GFLOPS
+    assert throughput.peak_for({**epyc, "cpu_cores": 4}, None) is None  # a bigger VM
     assert throughput.peak_for(other, None) is None
     assert throughput.peak_for(other, 300.0) == 300.0
     run = {"backend": "cpu", "forward_flops_per_image": 1e6,

@@ -166,14 +166,32 @@ def test_a_seed_resumed_into_a_group_records_the_settings_it_trained_under(
         with pytest.raises(Interrupted):
             trainer.fit(seed, tmp_path / f"s{seed}", progress=False, stop=_StopAfter(3))
     capsys.readouterr()
-    fit_group(trainer, [(s, tmp_path / f"s{s}", True, []) for s in (0, 1)], progress=False)
+    mirrors = {s: _StartedWith() for s in (0, 1)}
+    fit_group(trainer, [(s, tmp_path / f"s{s}", True, [mirrors[s]]) for s in (0, 1)],
+              progress=False)
     err = capsys.readouterr().err
     for seed in (0, 1):
         record = records.read_json(tmp_path / f"s{seed}" / records.CONFIG)
         assert record["execution"]["seeds_per_program"] == 2
         assert record["execution_before_resume"]["seeds_per_program"] == 1
+        assert mirrors[seed].config == record  # W&B gets the record as written
         assert f"s{seed}: resuming step 16, trained before with other settings " \
                "(seeds_per_program 1 -> 2)" in err
+
+
+class _StartedWith:
+    """A run mirror that keeps the config record it was started with."""
+
+    config = None
+
+    def start(self, config_record, run_dir):
+        self.config = config_record
+
+    def log(self, rows):
+        pass
+
+    def finish(self, summary):
+        pass
 
 
 class SignalOnFinish:
