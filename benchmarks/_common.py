@@ -52,6 +52,13 @@ def md_header(stem: str) -> str:
         text += ("Regenerate everything on an idle machine with `bash benchmarks/run_all.sh` "
                  "(about 25 minutes on 2 CPU cores). A section marked BUSY was measured while "
                  "other work ran (`--force`): its figures are not comparable.")
+    elif stem.startswith(f"{RESULTS_STEM}_cpu_"):
+        kind = stem.removeprefix(f"{RESULTS_STEM}_cpu_")
+        title = f"# Benchmarks: CPU {kind}"
+        text += ("These are another CPU's figures, kept apart from the 2-core EPYC's in "
+                 f"`results/{RESULTS_STEM}.md`: on an idle machine of that kind, run the scripts "
+                 f"with `--results {stem}` to regenerate them. A section marked BUSY was "
+                 "measured while other work ran (`--force`): its figures are not comparable.")
     else:
         kind = stem.removeprefix(f"{RESULTS_STEM}_")
         title = f"# Benchmarks: {kind}"
