@@ -71,13 +71,19 @@ def record_if_complete(experiment: str, workdir: Path | str, echo=print,
     summaries = []
     for run_dir in run_dirs:
         path = run_dir / records.SUMMARY
-        if not path.exists() or not (run_dir / checkpoint.CHECKPOINTS).exists():
+        if not path.exists():
             return None
         summaries.append(records.read_json(path))
         if summaries[-1].get("status") != "completed":
             return None
     path = Path(workdir) / experiment / ENSEMBLE
     if path.exists() and _describes(records.read_json(path), summaries):
+        return None
+    missing = [d.name for d in run_dirs if not (d / checkpoint.CHECKPOINTS).exists()]
+    if missing:  # e.g. records committed or copied without their checkpoints
+        echo(f"{experiment}: ensemble not recorded: {', '.join(missing)} finished but "
+             f"{'has' if len(missing) == 1 else 'have'} no {checkpoint.CHECKPOINTS}/ "
+             "(an ensemble reloads every seed's checkpoint)")
         return None
     result = ensemble(experiment, workdir, **data_kwargs)
     echo(f"{experiment}: ensemble of {result['seeds']} seeds: test accuracy "

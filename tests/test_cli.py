@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -172,3 +173,10 @@ def test_run_records_the_ensemble_once_every_seed_has_finished(capsys, prepared_
     # A run with overrides is another config: no ensemble of it is recorded.
     code, out, _ = run_cli(capsys, "run", "smoke_linear", "--set", "train.epochs=1", *flags)
     assert code == 0 and "ensemble of" not in out
+    # Records without their checkpoints (committed, copied): said, not silently skipped.
+    ensemble.unlink()
+    shutil.rmtree(tmp_path / "smoke_linear" / "seed0" / "checkpoints")
+    code, out, _ = run_cli(capsys, "run", "smoke_linear", *flags)
+    assert code == 0 and not ensemble.exists()
+    assert ("smoke_linear: ensemble not recorded: seed0 finished but has no checkpoints/"
+            in out)
