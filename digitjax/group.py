@@ -74,7 +74,7 @@ def fit_group(trainer: Trainer, runs: list[tuple[int, Path, bool, list]], *,
                          plots=plots)
         members.append(m)
         # Whether a resumed checkpoint's settings differ is known once subgroups are formed.
-        opened.append(m.open(resume=resume, check_execution=False))
+        opened.append(m.open(resume=resume, publish=False))
     by_step = defaultdict(list)
     for i, (_, step, _) in enumerate(opened):
         by_step[step].append(i)

@@ -212,7 +212,7 @@ class TrainingLoop:
         return True
 
     # -- the loop --------------------------------------------------------------------------
-    def open(self, *, resume: bool = True, check_execution: bool = True):
+    def open(self, *, resume: bool = True, publish: bool = True):
         """Prepare the run folder; returns the (state, step, window) training goes on from."""
         tr = self.trainer
         cfg = tr.config
@@ -233,7 +233,7 @@ class TrainingLoop:
             state, step, window = resumed
         extra = {**self.extra_config, "resumed_from_step": step if resumed else None}
         config_record = tr.config_record(self.seed, extra)
-        if check_execution:
+        if publish:
             self.publish(config_record)
         else:  # the caller settles the trainer, then publishes (a seed group)
             records.write_json(self.run_dir / records.CONFIG, config_record)

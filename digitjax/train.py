@@ -268,24 +268,27 @@ class Trainer:
         to finish a chunk that a checkpoint fell inside (saved with another steps_per_call);
         that compile then also falls in the run's train time, a rare and small cost.
         """
-        if n not in self._compiled:
-            t0 = time.perf_counter()
+        def lower():
             d = self.data
             fn = steps.make_train_chunk(self._chunk_step, num_steps=n,
                                         batch_size=self.config.train.batch_size,
                                         loop=self.execution.loop)
-            self._compiled[n] = fn.lower(state, d.train_images, d.train_labels, perm,
-                                         np.int32(0), keys["augment"], keys["dropout"]).compile()
-            self.compile_seconds += time.perf_counter() - t0
-        return self._compiled[n]
+            return fn.lower(state, d.train_images, d.train_labels, perm, np.int32(0),
+                            keys["augment"], keys["dropout"])
+
+        return self._compile_once(n, lower)
 
     def _eval_program(self, args: tuple):
-        """The compiled eval batch, compiled on first use and counted in compile_seconds
-        (so a run's eval_seconds time evaluation alone)."""
-        key = ("eval", args[2].shape)  # splits are padded: one shape per eval batch size
+        """The compiled eval batch, compiled on first use (so a run's eval_seconds time
+        evaluation alone)."""
+        # Splits are padded: one shape per eval batch size.
+        return self._compile_once(("eval", args[2].shape), lambda: self._eval_batch.lower(*args))
+
+    def _compile_once(self, key, lower):
+        """The program `lower()` compiles, compiled once per key; counted in compile_seconds."""
         if key not in self._compiled:
             t0 = time.perf_counter()
-            self._compiled[key] = self._eval_batch.lower(*args).compile()
+            self._compiled[key] = lower().compile()
             self.compile_seconds += time.perf_counter() - t0
         return self._compiled[key]
 
